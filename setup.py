@@ -1,0 +1,18 @@
+from setuptools import find_packages, setup
+
+with open("requirements.txt") as f:
+    requirements = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+setup(
+    name="ivfast",
+    version="0.1.0",
+    description="A performance-first training engine for InternVideo-Next video foundation models",
+    packages=find_packages(include=["ivfast", "ivfast.*", "kernels", "kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=requirements,
+    extras_require={
+        # GPU machines: FlashAttention and NVIDIA DALI (CUDA 13 build). Neither installs on a CPU machine.
+        "gpu": ["flash-attn>=2.7", "nvidia-dali-cuda130>=1.50"],
+    },
+    entry_points={"console_scripts": ["ivfast-train=ivfast.train:main"]},
+)
