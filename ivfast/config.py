@@ -1,0 +1,371 @@
+"""Typed run configuration: dataclasses loaded from YAML, dotted overrides, validation.
+
+A config file is YAML whose keys mirror the dataclasses below. A file may start from
+another with ``base: other.yaml`` (resolved beside it); its own keys then override. Command
+line overrides are ``section.key=value`` (values parsed as YAML). Every error is a
+:class:`ConfigError` whose message is one line naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, List, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line that names the key."""
+
+
+@dataclass
+class EncoderConfig:
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    block: Literal["release", "plain"] = "release"
+    num_cls_tokens: int = 4
+    layer_scale_init: float = 1e-5
+    drop_path: float = 0.1
+    patch_size: int = 14
+    tubelet_size: int = 1
+    pos_learnable: bool = True
+
+
+@dataclass
+class TeacherConfig:
+    img_size: int = 256
+    patch_size: int = 16
+    width: int = 1536
+    depth: int = 40
+    heads: int = 16
+    mlp_dim: int = 6144
+    layer_interval: float = 3.33
+    weights: str = ""
+    init_seed: int = 0
+
+
+@dataclass
+class AlignConfig:
+    num_layers: int = 6
+    head_hidden: int = 0
+    pool_heads: int = 16
+    pool_dim: int = 768
+
+
+@dataclass
+class PredictorConfig:
+    width: int = 1024
+    depth: int = 5
+    heads: int = 16
+    mlp_hidden: int = 2624
+    window: int = 128
+    global_every: int = 3
+    first_layer_id: int = 23
+
+
+@dataclass
+class DiffusionConfig:
+    width: int = 1536
+    depth: int = 6
+    num_timesteps: int = 1000
+    schedule: Literal["cosine", "linear"] = "cosine"
+    learn_sigma: bool = True
+    batch_mul: int = 1
+
+
+@dataclass
+class ModelConfig:
+    recon: Literal["none", "linear", "diffusion"] = "diffusion"
+    mask_type: Literal["semantic", "tube"] = "semantic"
+    mask_ratio: float = 0.75
+    loss_weights: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "list"] = "synthetic"
+    list_file: str = ""
+    root: str = ""
+    num_frames: int = 16
+    img_size: int = 224
+    scales: List[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.66])
+    flip: bool = True
+    synthetic_clips: int = 1024
+    batch_size: int = 16
+    num_workers: int = 2
+    max_bad_fraction: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 0
+    epochs: int = 50
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    warmup_epochs: float = 5.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    clip_grad: float = 5.0
+    grad_accum: int = 1
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 1
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    resume: Literal["auto", "never"] = "auto"
+    progress: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    cpu_shm: bool = False
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (list, List):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the field type ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"config error: {key} = {value!r}: must be one of {_type_name(tp)}")
+        return value
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config error: {key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported config field type for {key}")
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(tp)
+    if ok is None:
+        raise TypeError(f"unsupported config field type for {key}")
+    if not ok:
+        raise ConfigError(f"config error: {key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return float(value) if tp is float else value
+
+
+def _fields(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown(key: str, name: str, known) -> ConfigError:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"config error: unknown key '{key}'{hint}")
+
+
+def _merge_into(obj: Any, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    types_ = _fields(type(obj))
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in types_:
+            raise _unknown(key, str(name), types_)
+        tp = types_[name]
+        if dataclasses.is_dataclass(tp):
+            _merge_into(getattr(obj, name), value, key + ".")
+        else:
+            setattr(obj, name, _coerce(value, tp, key))
+
+
+def _read_yaml(path: str, seen: tuple = ()) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config error: config file not found: {path}")
+    if os.path.abspath(path) in seen:
+        raise ConfigError(f"config error: 'base' chain loops at {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config error: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {path}: top level must be a mapping")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = _read_yaml(os.path.join(os.path.dirname(path), base), seen + (os.path.abspath(path),))
+    return _deep_update(parent, data)
+
+
+def _deep_update(dst: dict, src: dict) -> dict:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+    return dst
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], raw value string)."""
+    if "=" not in text:
+        raise ConfigError(f"config error: override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"config error: override '{text}' has an empty key")
+    return parts, raw
+
+
+def _apply_override(cfg: Config, text: str) -> None:
+    parts, raw = parse_override(text)
+    obj = cfg
+    for i, name in enumerate(parts):
+        types_ = _fields(type(obj))
+        key = ".".join(parts[: i + 1])
+        if name not in types_:
+            raise _unknown(key, name, types_)
+        tp = types_[name]
+        if i < len(parts) - 1:
+            if not dataclasses.is_dataclass(tp):
+                raise ConfigError(f"config error: '{key}' is a value, not a section")
+            obj = getattr(obj, name)
+            continue
+        if dataclasses.is_dataclass(tp):
+            raise ConfigError(f"config error: '{key}' is a section; set one of its keys")
+        value = raw if tp is str else _parse_value(raw, key)
+        setattr(obj, name, _coerce(value, tp, key))
+
+
+def _parse_value(raw: str, key: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"config error: {key}: cannot parse value {raw!r}") from None
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file (with its ``base`` chain), then the overrides; validated."""
+    cfg = Config()
+    if path:
+        _merge_into(cfg, _read_yaml(path))
+    for text in overrides:
+        _apply_override(cfg, text)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config as YAML, atomically."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, key: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"config error: {key} = {value!r}: {why}")
+
+
+def validate(cfg: Config) -> None:
+    m, e, t, d, tr = cfg.model, cfg.model.encoder, cfg.model.teacher, cfg.data, cfg.train
+    _check(0.0 < m.mask_ratio < 1.0, "model.mask_ratio", m.mask_ratio, "must be in (0, 1)")
+    _check(len(m.loss_weights) == 3, "model.loss_weights", m.loss_weights, "needs 3 weights (layers, final, recon)")
+    _check(e.patch_size > 0, "model.encoder.patch_size", e.patch_size, "must be positive")
+    _check(d.img_size % e.patch_size == 0, "data.img_size", d.img_size,
+           f"must be a multiple of model.encoder.patch_size ({e.patch_size})")
+    _check(e.tubelet_size > 0, "model.encoder.tubelet_size", e.tubelet_size, "must be positive")
+    _check(d.num_frames > 0 and d.num_frames % e.tubelet_size == 0, "data.num_frames", d.num_frames,
+           f"must be a positive multiple of model.encoder.tubelet_size ({e.tubelet_size})")
+    for name, width, heads in (("model.encoder", e.width, e.heads), ("model.teacher", t.width, t.heads),
+                               ("model.predictor", m.predictor.width, m.predictor.heads),
+                               ("model.align", e.width, m.align.pool_heads)):
+        key = "pool_heads" if name == "model.align" else "heads"
+        _check(heads > 0 and width % heads == 0, f"{name}.{key}", heads,
+               f"must divide the width ({width})")
+    _check(e.width % 16 == 0, "model.encoder.width", e.width, "must be a multiple of 16 (3D sine-cosine position embedding)")
+    _check(e.tubelet_size == 1, "model.encoder.tubelet_size", e.tubelet_size,
+           "Stage-1 alignment pairs each student token with one teacher patch of one frame: only 1 is supported")
+    _check(e.depth > 0, "model.encoder.depth", e.depth, "must be positive")
+    _check(0.0 <= e.drop_path < 1.0, "model.encoder.drop_path", e.drop_path, "must be in [0, 1)")
+    _check(e.num_cls_tokens >= 0, "model.encoder.num_cls_tokens", e.num_cls_tokens, "must be >= 0")
+    _check(1 <= m.align.num_layers <= min(e.depth, t.depth), "model.align.num_layers", m.align.num_layers,
+           f"must be in [1, min(encoder depth, teacher depth)] = [1, {min(e.depth, t.depth)}]")
+    _check(t.img_size % t.patch_size == 0, "model.teacher.img_size", t.img_size,
+           f"must be a multiple of model.teacher.patch_size ({t.patch_size})")
+    student_grid = d.img_size // e.patch_size
+    _check(t.img_size // t.patch_size == student_grid, "model.teacher.img_size", t.img_size,
+           f"teacher grid {t.img_size // t.patch_size} must equal the student grid {student_grid} "
+           f"(data.img_size / patch)")
+    _check(m.diffusion.batch_mul >= 1, "model.diffusion.batch_mul", m.diffusion.batch_mul, "must be >= 1")
+    _check(m.diffusion.num_timesteps >= 2, "model.diffusion.num_timesteps", m.diffusion.num_timesteps, "must be >= 2")
+    _check(m.predictor.window >= 2, "model.predictor.window", m.predictor.window, "must be >= 2")
+    _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _check(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1]")
+    _check(d.source != "list" or bool(d.list_file), "data.list_file", d.list_file, "is required when data.source is 'list'")
+    _check(all(0 < s <= 1 for s in d.scales) and len(d.scales) > 0, "data.scales", d.scales, "must be in (0, 1]")
+    _check(d.synthetic_clips >= 1, "data.synthetic_clips", d.synthetic_clips, "must be >= 1")
+    _check(tr.max_steps >= 0, "train.max_steps", tr.max_steps, "must be >= 0 (0: derive from train.epochs)")
+    _check(tr.max_steps > 0 or tr.epochs > 0, "train.epochs", tr.epochs, "must be positive when train.max_steps is 0")
+    _check(tr.lr > 0, "train.lr", tr.lr, "must be positive")
+    _check(0 <= tr.min_lr <= tr.lr, "train.min_lr", tr.min_lr, "must be in [0, train.lr]")
+    _check(len(tr.betas) == 2 and all(0 <= b < 1 for b in tr.betas), "train.betas", tr.betas, "must be two values in [0, 1)")
+    _check(tr.eps > 0, "train.eps", tr.eps, "must be positive")
+    _check(tr.weight_decay >= 0, "train.weight_decay", tr.weight_decay, "must be >= 0")
+    _check(tr.clip_grad >= 0, "train.clip_grad", tr.clip_grad, "must be >= 0 (0: no clipping)")
+    _check(tr.grad_accum >= 1, "train.grad_accum", tr.grad_accum, "must be >= 1")
+    _check(tr.warmup_steps >= 0 and tr.warmup_epochs >= 0, "train.warmup_steps", tr.warmup_steps, "must be >= 0")
+    _check(tr.log_every >= 1, "train.log_every", tr.log_every, "must be >= 1")
+    _check(tr.save_every >= 1, "train.save_every", tr.save_every, "must be >= 1")
+    _check(tr.keep_checkpoints >= 1, "train.keep_checkpoints", tr.keep_checkpoints, "must be >= 1")
+    _check(0 <= cfg.deepspeed.zero_stage <= 3, "deepspeed.zero_stage", cfg.deepspeed.zero_stage, "must be 0, 1, 2 or 3")
+    _check(bool(cfg.output_dir), "output_dir", cfg.output_dir, "must not be empty")
