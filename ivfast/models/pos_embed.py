@@ -1,0 +1,174 @@
+"""Sine-cosine position tables for video tokens, fixed or learnable.
+
+Layout of the 3-D table (``sincos_3d``): row ``ti*h*w + y*w + x`` (t-major, then rows,
+then columns, the encoder's token order); channels ``[temporal (dim/4) | spatial (3dim/4)]``
+where the spatial block is itself ``[x (w coordinate) | y (h coordinate)]``. Each 1-D block
+is ``[sin(p * omega) | cos(p * omega)]`` with ``omega_i = 10000 ** (-i / (d/2))``.
+
+All tables are computed in float64 and returned as float32. Only torch ops are used, so
+they also work under ``torch.device("meta")``.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Positions = Union[torch.Tensor, Sequence[float], int]
+
+
+def _positions(positions: Positions) -> torch.Tensor:
+    if isinstance(positions, int):
+        return torch.arange(positions, dtype=torch.float64)
+    return torch.as_tensor(positions, dtype=torch.float64).reshape(-1)
+
+
+def sincos_1d(dim: int, positions: Positions) -> torch.Tensor:
+    """(len(positions), dim) table ``[sin(p * omega) | cos(p * omega)]``, float32.
+
+    ``positions``: a 1-D tensor or sequence of (possibly fractional) positions, or an int
+    ``n`` meaning ``range(n)``. ``dim`` must be even.
+    """
+    if dim <= 0 or dim % 2:
+        raise ValueError(f"sincos_1d needs a positive even dim, got {dim}")
+    pos = _positions(positions)
+    half = dim // 2
+    omega = 1.0 / 10000.0 ** (torch.arange(half, dtype=torch.float64, device=pos.device) / half)
+    angles = pos[:, None] * omega[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_2d(dim: int, h: int, w: int) -> torch.Tensor:
+    """(h*w, dim) table, row ``y*w + x``: ``[sincos_1d(dim/2, x) | sincos_1d(dim/2, y)]``.
+
+    The first half encodes the column (w, x) coordinate. ``dim`` must be divisible by 4.
+    """
+    if dim % 4:
+        raise ValueError(f"sincos_2d needs dim divisible by 4 (two even halves), got {dim}")
+    half = dim // 2
+    ex = sincos_1d(half, w)  # (w, half)
+    ey = sincos_1d(half, h)  # (h, half)
+    return torch.cat([ex[None, :, :].expand(h, w, half), ey[:, None, :].expand(h, w, half)], dim=-1).reshape(h * w, dim)
+
+
+def sincos_3d(dim: int, t: int, h: int, w: int) -> torch.Tensor:
+    """(t*h*w, dim) table, row ``ti*h*w + y*w + x``: ``[sincos_1d(dim/4, ti) | sincos_2d(3dim/4, h, w)]``.
+
+    ``dim`` must be divisible by 16: the temporal block (dim/4) needs an even width, so
+    dim % 8 == 0, and each of the two spatial halves (3dim/8) needs an even width, so
+    dim % 16 == 0.
+    """
+    if dim <= 0 or dim % 16:
+        raise ValueError(
+            f"sincos_3d needs dim divisible by 16 (temporal dim/4 and both spatial halves "
+            f"3*dim/8 must be even), got {dim}"
+        )
+    dt = dim // 4
+    ds = dim - dt
+    et = sincos_1d(dt, t)  # (t, dt)
+    es = sincos_2d(ds, h, w)  # (h*w, ds)
+    n_s = h * w
+    return torch.cat([et[:, None, :].expand(t, n_s, dt), es[None, :, :].expand(t, n_s, ds)], dim=-1).reshape(t * n_s, dim)
+
+
+def interpolate_time(
+    table: torch.Tensor, t_old: int, t_new: int, h: int, w: int, *, align_corners: bool = True
+) -> torch.Tensor:
+    """Linearly resample a (t_old*h*w, D) table along time to (t_new*h*w, D).
+
+    With ``align_corners=True`` (default) new frame j sits at old time
+    ``j * (t_old - 1) / (t_new - 1)``: the first and last frames keep their rows, and every
+    new frame that lands on an old time gets that row exactly (e.g. 16 -> 31 keeps all 16).
+    With ``align_corners=False`` frames are treated as cells (``F.interpolate``'s default).
+    Keeps the input dtype; gradients flow through.
+    """
+    n_s = h * w
+    if table.shape[0] != t_old * n_s:
+        raise ValueError(f"table has {table.shape[0]} rows, expected t_old*h*w = {t_old * n_s}")
+    if t_new == t_old:
+        return table
+    d = table.shape[-1]
+    x = table.reshape(t_old, n_s * d).transpose(0, 1)[None]  # (1, n_s*d, t_old)
+    compute = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    out = F.interpolate(compute, size=t_new, mode="linear", align_corners=align_corners if t_old > 1 else False)
+    return out[0].transpose(0, 1).reshape(t_new * n_s, d).to(table.dtype)
+
+
+class PositionTable(nn.Module):
+    """A (num_cls + t*h*w, dim) position table: CLS rows first (zero at init), then sincos_3d.
+
+    ``learnable=True``: the table is a parameter ``table`` (in the state dict).
+    ``learnable=False``: a fixed non-persistent buffer ``table`` (not in the state dict);
+    :meth:`patch_rows_for` then also serves other grids by computing sincos on the fly.
+    """
+
+    def __init__(self, dim: int, t: int, h: int, w: int, num_cls: int = 0, learnable: bool = False):
+        super().__init__()
+        self.dim, self.grid, self.num_cls, self.learnable = dim, (t, h, w), num_cls, learnable
+        init = self._initial()
+        if learnable:
+            self.table = nn.Parameter(init)
+        else:
+            self.register_buffer("table", init, persistent=False)
+
+    def _initial(self) -> torch.Tensor:
+        t, h, w = self.grid
+        return torch.cat([torch.zeros(self.num_cls, self.dim), sincos_3d(self.dim, t, h, w)], dim=0)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Refill the table with its initial values (CLS rows zero, sincos patch rows)."""
+        self.table.copy_(self._initial())
+
+    def forward(self) -> torch.Tensor:
+        return self.table
+
+    @property
+    def num_patches(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
+
+    @property
+    def patch(self) -> torch.Tensor:
+        """The (t*h*w, dim) patch rows (no CLS rows)."""
+        return self.table[self.num_cls:]
+
+    @property
+    def cls(self) -> torch.Tensor:
+        """The (num_cls, dim) CLS rows."""
+        return self.table[: self.num_cls]
+
+    def patch_rows_for(self, t: int, h: int, w: int) -> torch.Tensor:
+        """Patch rows for a (t, h, w) grid: the table's own rows for its grid; fixed tables
+        compute sincos for any other grid, learnable ones raise (use :meth:`resize_time`)."""
+        if (t, h, w) == self.grid:
+            return self.patch
+        if self.learnable:
+            raise ValueError(
+                f"learnable position table is for grid {self.grid}, input grid is {(t, h, w)}; "
+                "call resize_time() (time) or build the model for this size"
+            )
+        return sincos_3d(self.dim, t, h, w).to(device=self.table.device, dtype=self.table.dtype)
+
+    @torch.no_grad()
+    def resize_time(self, t_new: int, *, align_corners: bool = True) -> None:
+        """Change the temporal length in place (e.g. 16 -> 32 frames for Stage 2).
+
+        Learnable tables are linearly interpolated in time (CLS rows kept); fixed tables are
+        recomputed as sincos for the new length.
+        """
+        t, h, w = self.grid
+        if t_new == t:
+            return
+        if self.learnable:
+            patch = interpolate_time(self.patch.detach(), t, t_new, h, w, align_corners=align_corners)
+            self.table = nn.Parameter(torch.cat([self.cls.detach(), patch], dim=0))
+        else:
+            new = torch.cat([torch.zeros(self.num_cls, self.dim), sincos_3d(self.dim, t_new, h, w)], dim=0)
+            self.table = new.to(device=self.table.device, dtype=self.table.dtype)
+        self.grid = (t_new, h, w)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, grid={self.grid}, num_cls={self.num_cls}, learnable={self.learnable}"
