@@ -1,0 +1,195 @@
+"""The Stage-1 predictor: an input projection and a stack of ModernBERT-style layers.
+
+The release uses the last layers (23..27 of 28) of ModernBERT-large: pre-norm blocks with
+bias-free LayerNorm, fused bias-free Wqkv, rotary position embeddings (rotate-half
+convention) over the flattened token sequence, GeGLU MLP, and alternating attention:
+layers whose absolute id is a multiple of ``global_every`` attend globally (RoPE theta
+160000), the others within a sliding window of ``window`` tokens (half-width
+``window // 2``, RoPE theta 10000). There is no final norm.
+
+Parameter names follow HF ModernBERT's layer layout (``layers.{i}.attn_norm``,
+``layers.{i}.attn.Wqkv``, ``layers.{i}.attn.Wo``, ``layers.{i}.mlp_norm``,
+``layers.{i}.mlp.Wi``, ``layers.{i}.mlp.Wo``), so that layer ``first_layer_id + i`` of a
+ModernBERT checkpoint maps onto ``layers.{i}``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+
+
+def rope_tables(n: int, head_dim: int, theta: float, device, dtype=torch.float32):
+    """cos, sin tables (n, head_dim) for positions 0..n-1 (rotate-half layout: the
+    frequencies repeated over both halves), computed in float32 then cast to ``dtype``."""
+    if head_dim % 2 != 0:
+        raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    pos = torch.arange(n, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, N, Dh), cos/sin (N, Dh)."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class InputProjection(nn.Module):
+    """Linear(in, in) -> GELU -> Linear(in, width) -> LayerNorm(width)."""
+
+    def __init__(self, in_dim: int, width: int, eps: float = 1e-5):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, in_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(in_dim, width)
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for fc in (self.fc1, self.fc2):
+            nn.init.xavier_uniform_(fc.weight)
+            nn.init.zeros_(fc.bias)
+        nn.init.ones_(self.norm.weight)
+        nn.init.zeros_(self.norm.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.fc2(self.act(self.fc1(x))))
+
+
+class ModernBertAttention(nn.Module):
+    def __init__(self, width: int, heads: int, window: int | None):
+        super().__init__()
+        if width % heads != 0:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.head_dim = width // heads
+        self.window = window  # half-width handed to attention(); None = global
+        self.Wqkv = nn.Linear(width, 3 * width, bias=False)
+        self.Wo = nn.Linear(width, width, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.Wqkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, H, N, Dh) each
+        q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype))
+        k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype))
+        o = attention(q, k, v, window=self.window)
+        return self.Wo(o.transpose(1, 2).reshape(b, n, d))
+
+
+class ModernBertMLP(nn.Module):
+    """GeGLU: Wi -> (input, gate); Wo(GELU(input) * gate)."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.Wi = nn.Linear(width, 2 * hidden, bias=False)
+        self.act = nn.GELU()
+        self.Wo = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inp, gate = self.Wi(x).chunk(2, dim=-1)
+        return self.Wo(self.act(inp) * gate)
+
+
+class ModernBertLayer(nn.Module):
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_hidden: int,
+        layer_id: int,
+        is_global: bool,
+        window: int,
+        rope_theta: float,
+        norm_eps: float,
+    ):
+        super().__init__()
+        self.layer_id = layer_id
+        self.is_global = is_global
+        self.rope_theta = rope_theta
+        self.attn_norm = nn.LayerNorm(width, eps=norm_eps, bias=False)
+        self.attn = ModernBertAttention(width, heads, None if is_global else window // 2)
+        self.mlp_norm = nn.LayerNorm(width, eps=norm_eps, bias=False)
+        self.mlp = ModernBertMLP(width, mlp_hidden)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Predictor(nn.Module):
+    """Input projection + ``depth`` ModernBERT layers with absolute ids
+    ``first_layer_id .. first_layer_id + depth - 1``; forward (B, N, in_dim) -> (B, N, width)."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        width: int = 1024,
+        depth: int = 5,
+        heads: int = 16,
+        mlp_hidden: int = 2624,
+        window: int = 128,
+        global_every: int = 3,
+        first_layer_id: int = 23,
+        rope_theta_global: float = 160000.0,
+        rope_theta_local: float = 10000.0,
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        self.in_dim = in_dim
+        self.width = width
+        self.heads = heads
+        self.window = window
+        self.in_proj = InputProjection(in_dim, width)
+        layers = []
+        for i in range(depth):
+            layer_id = first_layer_id + i
+            is_global = layer_id % global_every == 0
+            theta = rope_theta_global if is_global else rope_theta_local
+            layers.append(
+                ModernBertLayer(width, heads, mlp_hidden, layer_id, is_global, window, theta, norm_eps)
+            )
+        self.layers = nn.ModuleList(layers)
+        self.reset_parameters()
+
+    @property
+    def global_layers(self) -> list[int]:
+        """Indices (into ``layers``) of the layers with global attention."""
+        return [i for i, layer in enumerate(self.layers) if layer.is_global]
+
+    @property
+    def layer_ids(self) -> list[int]:
+        """Absolute (ModernBERT) layer ids of ``layers``."""
+        return [layer.layer_id for layer in self.layers]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.in_proj.reset_parameters()
+        for m in self.layers.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, in_dim): the full token sequence (mask tokens and positions already in)."""
+        x = self.in_proj(x)
+        n = x.shape[1]
+        head_dim = self.width // self.heads
+        tables = {}  # one cos/sin pair per theta per forward
+        for layer in self.layers:
+            if layer.rope_theta not in tables:
+                tables[layer.rope_theta] = rope_tables(n, head_dim, layer.rope_theta, x.device)
+            cos, sin = tables[layer.rope_theta]
+            x = layer(x, cos, sin)
+        return x
