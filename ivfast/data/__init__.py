@@ -1,0 +1,1 @@
+"""Video data: generated clips, list-file readers, frame sampling and augmentation."""

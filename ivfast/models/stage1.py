@@ -1,0 +1,189 @@
+"""Stage 1: the student (encoder, alignment heads, predictor, reconstruction head) and its frozen teacher.
+
+One model serves the paper's three memory-table rows through ``model.recon``:
+``none`` (Align only), ``linear`` (Align + Linear Recon), ``diffusion`` (Align + Diffusion Recon).
+
+Data flow of a step (see :meth:`Stage1Model.forward`):
+  video -> encoder(visible tokens) -> per-layer alignment heads vs teacher layers (visible tokens)
+                                    -> attention pool -> final head vs teacher pooled (mean over frames)
+                                    -> predictor(full sequence: encoder tokens + mask tokens)
+                                       -> at masked positions: linear MSE or diffusion loss on pixels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ivfast.config import Config, ModelConfig
+from ivfast.models import masking, token_ops
+from ivfast.models.diffloss import DiffusionLoss
+from ivfast.models.encoder import VideoEncoder
+from ivfast.models.heads import AttentionPool, MLPHead, cosine_align_loss
+from ivfast.models.pos_embed import PositionTable
+from ivfast.models.predictor import Predictor
+from ivfast.models.sample_rng import SampleRNG
+from ivfast.models.teacher import SigLIPTeacher, TeacherOutput, prepare_teacher_input, teacher_return_layers
+
+
+def patchify(video: torch.Tensor, patch: int, tubelet: int = 1) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, T/tub * H/p * W/p, C * tub * p * p), tokens t-major then rows then columns.
+
+    Per token the values are ordered (c, tubelet, ph, pw): for tubelet 1 this is
+    ``pixel_unshuffle(frame, p)``'s channel order (588 = 3 x 14 x 14 values for p = 14).
+    """
+    b, c, t, h, w = video.shape
+    x = video.reshape(b, c, t // tubelet, tubelet, h // patch, patch, w // patch, patch)
+    x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return x.reshape(b, (t // tubelet) * (h // patch) * (w // patch), c * tubelet * patch * patch)
+
+
+def student_return_layers(depth: int, k: int) -> list[int]:
+    """The last ``k`` encoder blocks, ascending (the release's interval of 1)."""
+    return list(range(depth - k, depth))
+
+
+class Stage1Model(nn.Module):
+    """The trainable part of Stage 1. The teacher is separate (frozen, outside the optimiser)."""
+
+    def __init__(self, cfg: ModelConfig, num_frames: int, img_size: int):
+        super().__init__()
+        e, a, p = cfg.encoder, cfg.align, cfg.predictor
+        self.cfg = cfg
+        self.recon = cfg.recon
+        self.loss_weights = list(cfg.loss_weights)
+        self.patch, self.tubelet = e.patch_size, e.tubelet_size
+        self.encoder = VideoEncoder(
+            img_size=img_size, patch_size=e.patch_size, num_frames=num_frames, tubelet_size=e.tubelet_size,
+            width=e.width, depth=e.depth, heads=e.heads, mlp_ratio=e.mlp_ratio, block=e.block,
+            num_cls_tokens=e.num_cls_tokens, layer_scale_init=e.layer_scale_init, drop_path=e.drop_path,
+            pos_learnable=e.pos_learnable, return_layers=student_return_layers(e.depth, a.num_layers),
+        )
+        grid = self.encoder.grid
+        teacher_width = cfg.teacher.width
+        self.align_pos = PositionTable(e.width, *grid, num_cls=0, learnable=e.pos_learnable)
+        self.align_heads = nn.ModuleList(
+            MLPHead(e.width, teacher_width, hidden=a.head_hidden or None, l2=True) for _ in range(a.num_layers)
+        )
+        self.pool = AttentionPool(e.width, a.pool_heads, a.pool_dim)
+        self.final_head = MLPHead(a.pool_dim, teacher_width, l2=True)
+
+        self.target_dim = 3 * e.tubelet_size * e.patch_size**2
+        if self.recon != "none":
+            self.mask_token = nn.Parameter(torch.zeros(e.width))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+            self.predictor_pos = PositionTable(e.width, *grid, num_cls=e.num_cls_tokens, learnable=e.pos_learnable)
+            self.predictor = Predictor(
+                in_dim=e.width, width=p.width, depth=p.depth, heads=p.heads, mlp_hidden=p.mlp_hidden,
+                window=p.window, global_every=p.global_every, first_layer_id=p.first_layer_id,
+            )
+        if self.recon == "linear":
+            self.recon_head = nn.Linear(p.width, self.target_dim)
+        elif self.recon == "diffusion":
+            d = cfg.diffusion
+            self.diffloss = DiffusionLoss(
+                self.target_dim, p.width, width=d.width, depth=d.depth, num_timesteps=d.num_timesteps,
+                schedule=d.schedule, learn_sigma=d.learn_sigma, batch_mul=d.batch_mul,
+            )
+
+    # -- pieces -------------------------------------------------------------------------
+
+    def align_losses(self, enc, visible_idx, teacher_layers, teacher_pooled):
+        """Per-layer alignment on visible tokens and the final pooled alignment."""
+        b = visible_idx.shape[0]
+        ncls = enc.num_cls
+        pos = self.align_pos()[visible_idx]  # (B, N_vis, D)
+        k, _, _, tw = teacher_layers.shape
+        targets = teacher_layers.reshape(k, b, -1, tw)  # (K, B, N, W): frames are b-major
+        layer_losses = []
+        for i, head in enumerate(self.align_heads):
+            pred = head(enc.layers[i][:, ncls:] + pos)
+            target = token_ops.gather_tokens(targets[i], visible_idx)
+            layer_losses.append(cosine_align_loss(pred, target.to(pred.dtype)))
+        loss_layers = torch.stack(layer_losses).mean()
+        final_target = teacher_pooled.reshape(b, -1, tw).mean(1)
+        final_pred = self.final_head(self.pool(enc.tokens))
+        loss_final = cosine_align_loss(final_pred, final_target.to(final_pred.dtype))
+        return loss_layers, loss_final
+
+    def predict_masked(self, enc, visible_idx, masked_idx):
+        """Predictor over the full sequence; its output at the masked positions (B, N_mask, width)."""
+        ncls = enc.num_cls
+        table = self.predictor_pos()
+        seq = token_ops.scatter_with_mask_token(enc.tokens[:, ncls:], visible_idx, self.mask_token, table[ncls:])
+        if ncls:
+            seq = torch.cat([enc.tokens[:, :ncls] + table[:ncls].to(seq.dtype), seq], dim=1)
+        z = self.predictor(seq)[:, ncls:]
+        return token_ops.gather_tokens(z, masked_idx)
+
+    def recon_loss(self, z, target, rng: SampleRNG) -> dict:
+        if self.recon == "linear":
+            return {"loss_recon": F.mse_loss(self.recon_head(z), target.to(z.dtype))}
+        b, m, c = target.shape
+        mul = self.diffloss.batch_mul
+        t = rng.randint("diffusion_t", self.diffloss.diffusion.num_timesteps, mul, m)  # (B, mul, M)
+        noise = rng.randn("diffusion_noise", mul, m, c).to(z.dtype)  # (B, mul, M, C)
+        rows = lambda x: x.unsqueeze(1).expand(b, mul, *x.shape[1:]).reshape(-1, x.shape[-1])  # noqa: E731
+        out = self.diffloss.loss_given(rows(z), rows(target.to(z.dtype)), t.reshape(-1), noise.reshape(-1, c))
+        return {"loss_recon": out["loss"], **{f"diff_{k}": v.detach() for k, v in out.items() if k != "loss"}}
+
+    # -- the step -----------------------------------------------------------------------
+
+    def forward(self, video, visible_idx, masked_idx, teacher_layers, teacher_pooled, sample_seeds):
+        """All Stage-1 losses for one batch; ``loss`` is their weighted sum.
+
+        video (B, C, T, H, W) normalised; visible_idx / masked_idx (B, N_vis) / (B, N_mask)
+        sorted; teacher_layers (K, B*T, L, W) and teacher_pooled (B*T, W) l2-normalised;
+        sample_seeds (B,) int64: per-sample random streams (see SampleRNG).
+        """
+        enc = self.encoder(video, visible_idx)
+        loss_layers, loss_final = self.align_losses(enc, visible_idx, teacher_layers, teacher_pooled)
+        w = self.loss_weights
+        out = {"loss_align_layers": loss_layers, "loss_align_final": loss_final}
+        total = w[0] * loss_layers + w[1] * loss_final
+        if self.recon != "none":
+            z = self.predict_masked(enc, visible_idx, masked_idx)
+            target = token_ops.gather_tokens(patchify(video, self.patch, self.tubelet), masked_idx)
+            rng = SampleRNG(sample_seeds.tolist(), video.device)
+            out.update(self.recon_loss(z, target, rng))
+            total = total + w[2] * out["loss_recon"]
+        out["loss"] = total
+        return out
+
+
+# ----------------------------------------------------------------------------- teacher and masks
+
+
+def build_teacher(cfg: ModelConfig, num_frames: int) -> SigLIPTeacher:
+    """The frozen image teacher, randomly initialised from ``teacher.init_seed`` (same on every rank)."""
+    t = cfg.teacher
+    if t.weights:
+        raise NotImplementedError("loading real teacher weights (model.teacher.weights) is not implemented yet")
+    del num_frames
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.init_seed)
+        teacher = SigLIPTeacher(
+            img_size=t.img_size, patch_size=t.patch_size, width=t.width, depth=t.depth, heads=t.heads,
+            mlp_dim=t.mlp_dim, return_layers=teacher_return_layers(t.depth, cfg.align.num_layers, t.layer_interval),
+        )
+    teacher.freeze()
+    return teacher
+
+
+@torch.no_grad()
+def run_teacher(teacher: SigLIPTeacher, video: torch.Tensor, img_size: int) -> TeacherOutput:
+    dtype = next(teacher.parameters()).dtype
+    return teacher(prepare_teacher_input(video.float(), img_size).to(dtype))
+
+
+def make_mask(cfg: ModelConfig, rng: SampleRNG, grid: tuple[int, int, int], saliency=None) -> masking.MaskInfo:
+    """The step's mask from per-sample noise: semantic (teacher saliency) or random tubes."""
+    t, h, w = grid
+    generators = rng.generators("mask")
+    if cfg.mask_type == "semantic":
+        return masking.semantic_mask(saliency, len(rng), t, cfg.mask_ratio, generator=generators)
+    return masking.tube_mask(len(rng), t, h * w, cfg.mask_ratio, device=rng.device, generator=generators)
+
+
+def build_stage1(cfg: Config) -> Stage1Model:
+    return Stage1Model(cfg.model, cfg.data.num_frames, cfg.data.img_size)

@@ -1,0 +1,1 @@
+"""Training machinery: DeepSpeed engine set-up, optimiser, schedule, checkpoints, metrics."""

@@ -1,0 +1,264 @@
+"""The Stage-1 training loop on a DeepSpeed engine.
+
+Per micro-batch: load -> teacher (frozen, no grad) -> mask -> student losses -> one
+all-reduce of [losses, bad-video counts, stop request] -> backward + step, or a skip on
+every rank when any rank's loss is NaN/Inf. Checkpoints at optimiser-step boundaries
+carry the data position, so a resumed run sees the same batches in the same order.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+
+from ivfast.config import Config, save_config
+from ivfast.data.loader import build_dataset, build_loader
+from ivfast.models.sample_rng import SampleRNG, _mix
+from ivfast.models.stage1 import build_stage1, build_teacher, make_mask, run_teacher
+from ivfast.training import checkpoint, distributed
+from ivfast.training.ds_config import deepspeed_config
+from ivfast.training.metrics import MetricsWriter, Progress, peak_memory_mb
+from ivfast.training.optim import LRSchedule, build_optimizer
+
+log = logging.getLogger("ivfast.train")
+
+MAX_CONSECUTIVE_SKIPS = 50
+
+
+class StopRequested:
+    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits."""
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.flag:  # a second signal: give up at once
+            raise KeyboardInterrupt
+        self.flag = True
+
+
+def _setup_logging(is_main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _count_params(module: torch.nn.Module, trainable: bool) -> int:
+    """Parameter count; under ZeRO-3 a partitioned parameter reports its full size as ``ds_numel``."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad or not trainable)
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) the training described by ``cfg``; returns a summary dict."""
+    device_kind = distributed.choose_device(cfg.train.device)
+    dist = distributed.init(device_kind, cfg.deepspeed.cpu_shm)
+    _setup_logging(dist.is_main)
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device_kind == "cuda")
+    out_dir = cfg.output_dir
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    if dist.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        save_config(cfg, os.path.join(out_dir, "config.yaml"))
+    distributed.barrier()
+
+    import deepspeed
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_stage1(cfg)
+    teacher = build_teacher(cfg.model, cfg.data.num_frames).to(dist.device, torch.bfloat16 if bf16 else torch.float32)
+    dataset = build_dataset(cfg)
+    loader, sampler = build_loader(cfg, dataset, dist.rank, dist.world, pin_memory=device_kind == "cuda")
+
+    ga = cfg.train.grad_accum
+    steps_per_epoch = len(sampler) // ga
+    if steps_per_epoch == 0:
+        raise ValueError(f"an epoch has {len(sampler)} batches, fewer than train.grad_accum = {ga}")
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    warmup = cfg.train.warmup_steps or round(cfg.train.warmup_epochs * steps_per_epoch)
+    schedule = LRSchedule(cfg.train.lr, cfg.train.min_lr, total_steps, warmup)
+    optimizer = build_optimizer(model, cfg.train, dist.device)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, bf16), dist_init_required=False
+    )
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "bad_videos": 0, "samples": 0}
+    resumed_from = checkpoint.find_resume(ckpt_dir) if cfg.train.resume == "auto" else None
+    if resumed_from:
+        state.update(checkpoint.load(engine, ckpt_dir, resumed_from))
+    if dist.is_main:
+        log.info("ivfast Stage 1 (%s recon) on %d x %s, %s; student %.2f M trainable params, teacher %.2f M (frozen)",
+                 cfg.model.recon, dist.world, device_kind, "bf16" if bf16 else "fp32",
+                 _count_params(model, True) / 1e6, _count_params(teacher, False) / 1e6)
+        log.info("%d samples, %d steps per epoch, %d steps in all (warmup %d); %s", len(dataset), steps_per_epoch,
+                 total_steps, warmup, f"resuming from {resumed_from} at step {state['step']}" if resumed_from
+                 else "starting from scratch")
+
+    stop = StopRequested()
+    metrics = MetricsWriter(os.path.join(out_dir, "metrics.jsonl"), dist.is_main)
+    progress = Progress(total_steps, state["step"], dist.is_main and cfg.train.progress)
+    grid = model.encoder.grid
+    consecutive_skips = 0
+    accum = _StepAccumulator()
+    last_saved = state["step"] if resumed_from else -1
+    t_step = time.perf_counter()
+    try:
+        while state["step"] < total_steps:
+            sampler.set_position(state["epoch"], state["batch_in_epoch"])
+            batches = iter(loader)
+            while state["step"] < total_steps:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                accum.data_time += time.perf_counter() - t0
+                state["batch_in_epoch"] += 1
+                result = _micro_step(engine, teacher, batch, cfg, dist, grid, state, stop, schedule)
+                state["bad_videos"] += result["bad"]
+                state["samples"] += result["clips"]
+                if result["skipped"]:
+                    state["skipped_steps"] += 1
+                    consecutive_skips += 1
+                    log.warning("step %d: %s on at least one rank; skipped on all ranks (%d skipped so far)",
+                                state["step"], result["why"], state["skipped_steps"])
+                    if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                        raise RuntimeError(f"{consecutive_skips} consecutive steps skipped ({result['why']}); stopping")
+                else:
+                    consecutive_skips = 0
+                    accum.add(result)
+                if not result["boundary"]:
+                    continue
+                state["step"] += 1
+                now = time.perf_counter()
+                step_time, t_step = now - t_step, now
+                if dist.is_main and state["step"] % cfg.train.log_every == 0:
+                    record = accum.record(state, step_time, engine, dist.device)
+                    metrics.write(record)
+                    progress.update(cfg.train.log_every, {"loss": record["loss"], "lr": record["lr"]})
+                accum = _StepAccumulator()
+                if state["step"] % cfg.train.save_every == 0 or state["step"] == total_steps or result["stop"]:
+                    checkpoint.save(engine, ckpt_dir, state["step"], state, cfg.train.keep_checkpoints,
+                                    dist.is_main, distributed.barrier)
+                    last_saved = state["step"]
+                if result["stop"]:
+                    log.warning("stop requested: checkpoint saved at step %d; run the same command to resume",
+                                state["step"])
+                    return {"status": "stopped", **state}
+            else:
+                break
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+    finally:
+        progress.close()
+        metrics.close()
+    if last_saved != state["step"]:
+        checkpoint.save(engine, ckpt_dir, state["step"], state, cfg.train.keep_checkpoints, dist.is_main,
+                        distributed.barrier)
+    if dist.is_main:
+        log.info("done: %d steps, %d skipped, %d unreadable videos; outputs in %s", state["step"],
+                 state["skipped_steps"], state["bad_videos"], out_dir)
+    return {"status": "done", **state}
+
+
+class _StepAccumulator:
+    """Sums over the micro-batches of one optimiser step, for the metrics record."""
+
+    def __init__(self):
+        self.data_time = 0.0
+        self.sums: dict[str, float] = {}
+        self.micro = 0
+        self.clips = 0
+        self.grad_norm = None
+
+    def add(self, result: dict) -> None:
+        self.micro += 1
+        self.clips += result["clips"]
+        for k, v in result["losses"].items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        if result.get("grad_norm") is not None:
+            self.grad_norm = result["grad_norm"]
+
+    def record(self, state: dict, step_time: float, engine, device) -> dict:
+        losses = {k: v / max(1, self.micro) for k, v in self.sums.items()}
+        rec = {"step": state["step"], "epoch": state["epoch"], **losses,
+               "lr": engine.optimizer.param_groups[0]["lr"], "grad_norm": self.grad_norm,
+               "step_time": step_time, "data_time": self.data_time,
+               "clips_per_s": self.clips / step_time if step_time > 0 else None,
+               "skipped_steps": state["skipped_steps"], "bad_videos": state["bad_videos"]}
+        rec.update(peak_memory_mb(device))
+        return rec
+
+
+def _micro_step(engine, teacher, batch, cfg: Config, dist, grid, state: dict, stop: StopRequested,
+                schedule: LRSchedule) -> dict:
+    """Forward, cross-rank agreement, then backward/step or a skip. Returns what the loop logs."""
+    video = batch["video"]
+    n_good = 0 if video is None else video.shape[0]
+    n_bad = batch["num_bad"]
+    boundary = engine.is_gradient_accumulation_boundary()
+    # Randomness follows the data position: drop-path draws (global RNG, per rank) and the
+    # per-sample streams (masks, diffusion noise) are seeded from (epoch, batch in epoch).
+    position = state["epoch"] * 10**9 + state["batch_in_epoch"]
+    torch.manual_seed(_mix(cfg.train.seed, position, dist.rank))
+    keys = ["loss"]
+    out = None
+    if n_good:
+        video = video.to(dist.device, non_blocking=True)
+        rng = SampleRNG.for_step(cfg.train.seed, position, batch["index"].tolist(), dist.device)
+        tout = run_teacher(teacher, video, cfg.model.teacher.img_size)
+        mask = make_mask(cfg.model, rng, grid, tout.saliency)
+        seeds = torch.tensor(rng.seeds, dtype=torch.int64, device=dist.device)
+        video_in = video.to(next(engine.module.parameters()).dtype)
+        out = engine(video_in, mask.visible_idx, mask.masked_idx, tout.layers, tout.pooled, seeds)
+        keys = ["loss"] + sorted(k for k in out if k != "loss")
+    # One all-reduce: loss components (summed), counts, stop request.
+    n_keys = _loss_key_count(cfg)
+    vec = torch.zeros(n_keys + 4, dtype=torch.float64, device=dist.device)
+    if out is not None:
+        vec[: len(keys)] = torch.stack([out[k].detach().double() for k in keys])
+    vec[n_keys:] = torch.tensor([float(n_good > 0), n_good, n_bad, float(stop.flag)], dtype=torch.float64)
+    distributed.all_reduce_sum(vec)
+    ranks_with_data, good, bad, stop_votes = vec[n_keys:].tolist()
+    result = {"boundary": boundary, "bad": n_bad, "clips": int(good),
+              "stop": stop_votes > 0, "skipped": False, "losses": {}}
+    if good + bad > 0 and bad / (good + bad) > cfg.data.max_bad_fraction:
+        raise RuntimeError(f"{int(bad)} of {int(good + bad)} videos in this batch could not be read "
+                           f"(more than data.max_bad_fraction = {cfg.data.max_bad_fraction}); "
+                           f"check the data list (the warnings above name the files)")
+    if ranks_with_data < dist.world:
+        return {**result, "skipped": True, "why": "a batch with no readable video"}
+    if not math.isfinite(vec[0].item()):
+        return {**result, "skipped": True, "why": "a non-finite loss"}
+    result["losses"] = {k: vec[i].item() / dist.world for i, k in enumerate(keys)}
+    if boundary:
+        for group in engine.optimizer.param_groups:
+            group["lr"] = schedule.lr(state["step"])
+    engine.backward(out["loss"])
+    grad_norm = _manual_grad_norm(engine) if boundary and engine.zero_optimization_stage() == 0 else None
+    engine.step()
+    if boundary:
+        gn = engine.get_global_grad_norm() if grad_norm is None else grad_norm
+        result["grad_norm"] = float(gn) if gn is not None else None
+    return result
+
+
+def _loss_key_count(cfg: Config) -> int:
+    """Number of loss entries the model returns (fixed per config, so ranks agree on the vector size)."""
+    n = 3  # loss, loss_align_layers, loss_align_final
+    if cfg.model.recon == "linear":
+        n += 1
+    elif cfg.model.recon == "diffusion":
+        n += 2 + int(cfg.model.diffusion.learn_sigma)  # loss_recon, diff_mse (+ diff_vb)
+    return n
+
+
+def _manual_grad_norm(engine) -> float:
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item() \
+        if grads else 0.0
+
