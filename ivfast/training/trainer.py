@@ -128,9 +128,9 @@ def train(cfg: Config) -> dict:
                                 state["step"], result["why"], state["skipped_steps"])
                     if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
                         raise RuntimeError(f"{consecutive_skips} consecutive steps skipped ({result['why']}); stopping")
-                else:
-                    consecutive_skips = 0
-                    accum.add(result)
+                    continue  # not a step: DeepSpeed saw neither backward nor step
+                consecutive_skips = 0
+                accum.add(result)
                 if not result["boundary"]:
                     continue
                 state["step"] += 1
