@@ -69,6 +69,7 @@ BAD = [
     (["model.encoder=3"], "'model.encoder' is a section"),
     (["train.max_steps"], "is not of the form key=value"),
     (["model.align.num_layers=9"], "model.align.num_layers = 9"),
+    (["model.teacher.weights=siglip.safetensors"], "model.teacher.weights = 'siglip.safetensors': loading real"),
 ]
 
 

@@ -116,7 +116,7 @@ def test_tiny_forward_backward_every_variant(recon):
     assert mask.visible_idx.shape == (2, 4 * num_visible_per_frame(16, 0.75))
     out = model(video, mask.visible_idx, mask.masked_idx, tout.layers, tout.pooled, torch.tensor(rng.seeds))
     expected = {"loss", "loss_align_layers", "loss_align_final"} | ({"loss_recon"} if recon != "none" else set())
-    assert expected <= set(out)
+    assert expected <= set(out) and set(model.loss_names) == set(out)
     w = cfg.model.loss_weights
     total = w[0] * out["loss_align_layers"] + w[1] * out["loss_align_final"] + w[2] * out.get("loss_recon", 0.0)
     torch.testing.assert_close(out["loss"], total)

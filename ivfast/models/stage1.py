@@ -86,6 +86,16 @@ class Stage1Model(nn.Module):
                 schedule=d.schedule, learn_sigma=d.learn_sigma, batch_mul=d.batch_mul,
             )
 
+    @property
+    def loss_names(self) -> list[str]:
+        """The keys :meth:`forward` returns, in a fixed order (every rank agrees on it)."""
+        names = ["loss", "loss_align_layers", "loss_align_final"]
+        if self.recon != "none":
+            names.append("loss_recon")
+        if self.recon == "diffusion":
+            names += ["diff_mse"] + (["diff_vb"] if self.diffloss.learn_sigma else [])
+        return names
+
     # -- pieces -------------------------------------------------------------------------
 
     def align_losses(self, enc, visible_idx, teacher_layers, teacher_pooled):
@@ -157,8 +167,6 @@ class Stage1Model(nn.Module):
 def build_teacher(cfg: ModelConfig, num_frames: int) -> SigLIPTeacher:
     """The frozen image teacher, randomly initialised from ``teacher.init_seed`` (same on every rank)."""
     t = cfg.teacher
-    if t.weights:
-        raise NotImplementedError("loading real teacher weights (model.teacher.weights) is not implemented yet")
     del num_frames
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.init_seed)

@@ -149,9 +149,9 @@ def train(cfg: Config) -> dict:
                     log.warning("stop requested: checkpoint saved at step %d; run the same command to resume",
                                 state["step"])
                     return {"status": "stopped", **state}
-            else:
+            if state["step"] >= total_steps:
                 break
-            state["epoch"] += 1
+            state["epoch"] += 1  # the epoch's batches are exhausted
             state["batch_in_epoch"] = 0
     finally:
         progress.close()
@@ -205,7 +205,7 @@ def _micro_step(engine, teacher, batch, cfg: Config, dist, grid, state: dict, st
     # per-sample streams (masks, diffusion noise) are seeded from (epoch, batch in epoch).
     position = state["epoch"] * 10**9 + state["batch_in_epoch"]
     torch.manual_seed(_mix(cfg.train.seed, position, dist.rank))
-    keys = ["loss"]
+    keys = engine.module.loss_names
     out = None
     if n_good:
         video = video.to(dist.device, non_blocking=True)
@@ -215,12 +215,11 @@ def _micro_step(engine, teacher, batch, cfg: Config, dist, grid, state: dict, st
         seeds = torch.tensor(rng.seeds, dtype=torch.int64, device=dist.device)
         video_in = video.to(next(engine.module.parameters()).dtype)
         out = engine(video_in, mask.visible_idx, mask.masked_idx, tout.layers, tout.pooled, seeds)
-        keys = ["loss"] + sorted(k for k in out if k != "loss")
     # One all-reduce: loss components (summed), counts, stop request.
-    n_keys = _loss_key_count(cfg)
+    n_keys = len(keys)
     vec = torch.zeros(n_keys + 4, dtype=torch.float64, device=dist.device)
     if out is not None:
-        vec[: len(keys)] = torch.stack([out[k].detach().double() for k in keys])
+        vec[:n_keys] = torch.stack([out[k].detach().double() for k in keys])
     vec[n_keys:] = torch.tensor([float(n_good > 0), n_good, n_bad, float(stop.flag)], dtype=torch.float64)
     distributed.all_reduce_sum(vec)
     ranks_with_data, good, bad, stop_votes = vec[n_keys:].tolist()
@@ -245,16 +244,6 @@ def _micro_step(engine, teacher, batch, cfg: Config, dist, grid, state: dict, st
         gn = engine.get_global_grad_norm() if grad_norm is None else grad_norm
         result["grad_norm"] = float(gn) if gn is not None else None
     return result
-
-
-def _loss_key_count(cfg: Config) -> int:
-    """Number of loss entries the model returns (fixed per config, so ranks agree on the vector size)."""
-    n = 3  # loss, loss_align_layers, loss_align_final
-    if cfg.model.recon == "linear":
-        n += 1
-    elif cfg.model.recon == "diffusion":
-        n += 2 + int(cfg.model.diffusion.learn_sigma)  # loss_recon, diff_mse (+ diff_vb)
-    return n
 
 
 def _manual_grad_norm(engine) -> float:
