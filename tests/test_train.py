@@ -171,3 +171,39 @@ def test_cli_reports_a_bad_config_in_one_line():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "config error: model.mask_ratio = 1.5: must be in (0, 1)"
+
+
+def _make_list(tmp_path, n_good, n_bad):
+    import numpy as np
+
+    from clips import write_corrupt, write_video
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n_good):
+        frames = rng.integers(0, 256, (10, 72, 96, 3), dtype=np.uint8)
+        write_video(str(tmp_path / f"good{i}.mp4"), frames)
+        lines.append(f"good{i}.mp4 {i % 3}")
+    for i in range(n_bad):
+        write_corrupt(str(tmp_path / f"bad{i}.mp4"), seed=i)
+        lines.append(f"bad{i}.mp4 0")
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    return ["data.source=list", f"data.list_file={tmp_path / 'train.txt'}", f"data.root={tmp_path}"]
+
+
+def test_pyav_list_training_skips_and_counts_unreadable_videos(tmp_path):
+    data = _make_list(tmp_path, n_good=14, n_bad=2)
+    out = str(tmp_path / "run")
+    proc = run_train(out, [*data, "train.max_steps=4", "data.batch_size=4", "data.max_bad_fraction=0.5"])
+    recs = metrics(out)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]  # one epoch of 16 samples: both bad files were met
+    assert recs[-1]["bad_videos"] == 2
+    assert "bad0.mp4" in proc.stderr and "bad1.mp4" in proc.stderr
+
+
+def test_a_batch_of_mostly_unreadable_videos_stops_the_run(tmp_path):
+    data = _make_list(tmp_path, n_good=2, n_bad=6)
+    proc = subprocess.run(train_cmd(str(tmp_path / "run"), [*data, "train.max_steps=2", "data.batch_size=8"]),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "6 of 8 videos in this batch could not be read (more than data.max_bad_fraction = 0.5)" in proc.stderr
