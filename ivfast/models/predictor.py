@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
+from .heads import MLPHead
 
 
 def rope_tables(n: int, head_dim: int, theta: float, device, dtype=torch.float32):
@@ -41,29 +42,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, H, N, Dh), cos/sin (N, Dh)."""
     return x * cos + _rotate_half(x) * sin
-
-
-class InputProjection(nn.Module):
-    """Linear(in, in) -> GELU -> Linear(in, width) -> LayerNorm(width)."""
-
-    def __init__(self, in_dim: int, width: int, eps: float = 1e-5):
-        super().__init__()
-        self.fc1 = nn.Linear(in_dim, in_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(in_dim, width)
-        self.norm = nn.LayerNorm(width, eps=eps)
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        for fc in (self.fc1, self.fc2):
-            nn.init.xavier_uniform_(fc.weight)
-            nn.init.zeros_(fc.bias)
-        nn.init.ones_(self.norm.weight)
-        nn.init.zeros_(self.norm.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.fc2(self.act(self.fc1(x))))
 
 
 class ModernBertAttention(nn.Module):
@@ -150,7 +128,7 @@ class Predictor(nn.Module):
         self.width = width
         self.heads = heads
         self.window = window
-        self.in_proj = InputProjection(in_dim, width)
+        self.in_proj = MLPHead(in_dim, width, l2=False)  # the release's input projection
         layers = []
         for i in range(depth):
             layer_id = first_layer_id + i
