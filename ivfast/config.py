@@ -67,6 +67,7 @@ class PredictorConfig:
     window: int = 128
     global_every: int = 3
     first_layer_id: int = 23
+    init_weights: str = ""
 
 
 @dataclass
@@ -80,8 +81,24 @@ class DiffusionConfig:
 
 
 @dataclass
+class Stage2Config:
+    init_checkpoint: str = ""
+    teacher_momentum: float = 1.0
+    small_blocks: int = 8
+    small_scale: float = 0.15
+    large_blocks: int = 2
+    large_scale: float = 0.7
+    aspect_min: float = 0.75
+    aspect_max: float = 1.5
+    max_visible: int = 0
+
+
+@dataclass
 class ModelConfig:
+    stage: Literal[1, 2] = 1
     recon: Literal["none", "linear", "diffusion"] = "diffusion"
+    fused_kernels: bool = True
+    attention: Literal["auto", "flash", "sdpa", "flex", "math"] = "auto"
     mask_type: Literal["semantic", "tube"] = "semantic"
     mask_ratio: float = 0.75
     loss_weights: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
@@ -90,6 +107,7 @@ class ModelConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
 
 
 @dataclass

@@ -1,0 +1,92 @@
+"""Shared benchmark plumbing: environment record, GPU timing, results files.
+
+Every benchmark result carries the device, the date, the commit, the library versions and
+the full configuration of the measurement. Results go to ``benchmarks/results/`` as JSON
+plus a Markdown table; nothing is asserted about speed.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda" if on_gpu() else "cpu")
+
+
+def environment() -> dict:
+    """Who measured what where: device, date, commit, versions."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(RESULTS_DIR)).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(RESULTS_DIR)).stdout.strip())
+    except OSError:
+        commit, dirty = "unknown", False
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit + ("-dirty" if dirty else ""),
+        "device": torch.cuda.get_device_name() if on_gpu() else f"cpu ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if on_gpu():
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def gpu_time_ms(fn, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds per call of ``fn`` on the GPU (triton's do_bench)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes per second), GB/s."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    ms = gpu_time_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def write_results(name: str, config: dict, rows: list[dict]) -> str:
+    """Write ``<name>-<device>-<date>.json`` and ``.md`` under benchmarks/results; returns the JSON path."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    env = environment()
+    tag = "gpu" if on_gpu() else "cpu"
+    stem = os.path.join(RESULTS_DIR, f"{name}-{tag}-{env['date'][:10]}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"benchmark": name, "environment": env, "config": config, "results": rows}, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(f"# {name}\n\n")
+        f.write("\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n\n")
+        f.write("Config: `" + json.dumps(config) + "`\n\n")
+        if rows:
+            cols = list(rows[0])
+            f.write("| " + " | ".join(cols) + " |\n| " + " | ".join("---" for _ in cols) + " |\n")
+            for r in rows:
+                f.write("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |\n")
+    return stem + ".json"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
