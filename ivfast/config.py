@@ -389,3 +389,18 @@ def validate(cfg: Config) -> None:
     _check(tr.keep_checkpoints >= 1, "train.keep_checkpoints", tr.keep_checkpoints, "must be >= 1")
     _check(0 <= cfg.deepspeed.zero_stage <= 3, "deepspeed.zero_stage", cfg.deepspeed.zero_stage, "must be 0, 1, 2 or 3")
     _check(bool(cfg.output_dir), "output_dir", cfg.output_dir, "must not be empty")
+    s2 = m.stage2
+    if m.stage == 2:
+        _check(bool(s2.init_checkpoint), "model.stage2.init_checkpoint", s2.init_checkpoint,
+               "is required for Stage 2 (a Stage-1 checkpoints dir, tag dir or consolidated .safetensors)")
+    _check(0.0 < s2.teacher_momentum <= 1.0, "model.stage2.teacher_momentum", s2.teacher_momentum,
+           "must be in (0, 1] (1: a frozen copy of the Stage-1 encoder; < 1: EMA)")
+    _check(s2.teacher_momentum == 1.0 or cfg.deepspeed.zero_stage < 3, "model.stage2.teacher_momentum",
+           s2.teacher_momentum, "an EMA teacher (< 1) needs deepspeed.zero_stage 0-2")
+    for key, scale in (("small_scale", s2.small_scale), ("large_scale", s2.large_scale)):
+        _check(0.0 < scale < 1.0, f"model.stage2.{key}", scale, "must be in (0, 1)")
+    _check(s2.small_blocks >= 1 and s2.large_blocks >= 1, "model.stage2.small_blocks", s2.small_blocks,
+           "both block counts must be >= 1")
+    _check(0 < s2.aspect_min <= s2.aspect_max, "model.stage2.aspect_min", s2.aspect_min,
+           "must be positive and <= model.stage2.aspect_max")
+    _check(s2.max_visible >= 0, "model.stage2.max_visible", s2.max_visible, "must be >= 0 (0: no cap)")

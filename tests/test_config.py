@@ -69,6 +69,9 @@ BAD = [
     (["model.encoder=3"], "'model.encoder' is a section"),
     (["train.max_steps"], "is not of the form key=value"),
     (["model.align.num_layers=9"], "model.align.num_layers = 9"),
+    (["model.stage=2"], "model.stage2.init_checkpoint = '': is required for Stage 2"),
+    (["model.stage=3"], "model.stage = 3: must be one of 1 | 2"),
+    (["model.stage2.teacher_momentum=0.99", "deepspeed.zero_stage=3"], "needs deepspeed.zero_stage 0-2"),
     (["model.teacher.weights=siglip.safetensors"], "model.teacher.weights = 'siglip.safetensors': loading real"),
 ]
 

@@ -1,6 +1,6 @@
-"""The Stage-1 training loop on a DeepSpeed engine.
+"""The training loop on a DeepSpeed engine, for either stage (see ``tasks.py``).
 
-Per micro-batch: load -> teacher (frozen, no grad) -> mask -> student losses -> one
+Per micro-batch: load -> the task's forward (Stage 1: teacher, mask, student losses) -> one
 all-reduce of [losses, bad-video counts, stop request] -> backward + step, or a skip on
 every rank when any rank's loss is NaN/Inf. Checkpoints at optimiser-step boundaries
 carry the data position, so a resumed run sees the same batches in the same order.
@@ -19,11 +19,11 @@ import torch
 from ivfast.config import Config, save_config
 from ivfast.data.loader import build_dataset, build_loader
 from ivfast.models.sample_rng import SampleRNG, _mix
-from ivfast.models.stage1 import build_stage1, build_teacher, make_mask, run_teacher
 from ivfast.training import checkpoint, distributed
 from ivfast.training.ds_config import deepspeed_config
 from ivfast.training.metrics import MetricsWriter, Progress, peak_memory_mb
 from ivfast.training.optim import LRSchedule, build_optimizer
+from ivfast.training.tasks import build_task
 
 log = logging.getLogger("ivfast.train")
 
@@ -70,8 +70,9 @@ def train(cfg: Config) -> dict:
     import deepspeed
 
     torch.manual_seed(cfg.train.seed)
-    model = build_stage1(cfg)
-    teacher = build_teacher(cfg.model, cfg.data.num_frames).to(dist.device, torch.bfloat16 if bf16 else torch.float32)
+    task = build_task(cfg)
+    model = task.model
+    task.to(dist.device, torch.bfloat16 if bf16 else torch.float32)
     dataset = build_dataset(cfg)
     loader, sampler = build_loader(cfg, dataset, dist.rank, dist.world, pin_memory=device_kind == "cuda")
 
@@ -92,9 +93,10 @@ def train(cfg: Config) -> dict:
     if resumed_from:
         state.update(checkpoint.load(engine, ckpt_dir, resumed_from))
     if dist.is_main:
-        log.info("ivfast Stage 1 (%s recon) on %d x %s, %s; student %.2f M trainable params, teacher %.2f M (frozen)",
-                 cfg.model.recon, dist.world, device_kind, "bf16" if bf16 else "fp32",
-                 _count_params(model, True) / 1e6, _count_params(teacher, False) / 1e6)
+        what = f"Stage 1 ({cfg.model.recon} recon)" if cfg.model.stage == 1 else "Stage 2"
+        log.info("ivfast %s on %d x %s, %s, ZeRO-%d; %.2f M trainable params, %.2f M frozen (teacher)",
+                 what, dist.world, device_kind, "bf16" if bf16 else "fp32", cfg.deepspeed.zero_stage,
+                 _count_params(model, True) / 1e6, task.frozen_params() / 1e6)
         log.info("%d samples, %d steps per epoch, %d steps in all (warmup %d); %s", len(dataset), steps_per_epoch,
                  total_steps, warmup, f"resuming from {resumed_from} at step {state['step']}" if resumed_from
                  else "starting from scratch")
@@ -102,7 +104,6 @@ def train(cfg: Config) -> dict:
     stop = StopRequested()
     metrics = MetricsWriter(os.path.join(out_dir, "metrics.jsonl"), dist.is_main)
     progress = Progress(total_steps, state["step"], dist.is_main and cfg.train.progress)
-    grid = model.encoder.grid
     consecutive_skips = 0
     accum = _StepAccumulator()
     last_saved = state["step"] if resumed_from else -1
@@ -118,7 +119,7 @@ def train(cfg: Config) -> dict:
                     break
                 accum.data_time += time.perf_counter() - t0
                 state["batch_in_epoch"] += 1
-                result = _micro_step(engine, teacher, batch, cfg, dist, grid, state, stop, schedule)
+                result = _micro_step(engine, task, batch, cfg, dist, state, stop, schedule)
                 state["bad_videos"] += result["bad"]
                 state["samples"] += result["clips"]
                 if result["skipped"]:
@@ -194,7 +195,7 @@ class _StepAccumulator:
         return rec
 
 
-def _micro_step(engine, teacher, batch, cfg: Config, dist, grid, state: dict, stop: StopRequested,
+def _micro_step(engine, task, batch, cfg: Config, dist, state: dict, stop: StopRequested,
                 schedule: LRSchedule) -> dict:
     """Forward, cross-rank agreement, then backward/step or a skip. Returns what the loop logs."""
     video = batch["video"]
@@ -205,16 +206,12 @@ def _micro_step(engine, teacher, batch, cfg: Config, dist, grid, state: dict, st
     # per-sample streams (masks, diffusion noise) are seeded from (epoch, batch in epoch).
     position = state["epoch"] * 10**9 + state["batch_in_epoch"]
     torch.manual_seed(_mix(cfg.train.seed, position, dist.rank))
-    keys = engine.module.loss_names
+    keys = task.loss_names
     out = None
     if n_good:
         video = video.to(dist.device, non_blocking=True)
         rng = SampleRNG.for_step(cfg.train.seed, position, batch["index"].tolist(), dist.device)
-        tout = run_teacher(teacher, video, cfg.model.teacher.img_size)
-        mask = make_mask(cfg.model, rng, grid, tout.saliency)
-        seeds = torch.tensor(rng.seeds, dtype=torch.int64, device=dist.device)
-        video_in = video.to(next(engine.module.parameters()).dtype)
-        out = engine(video_in, mask.visible_idx, mask.masked_idx, tout.layers, tout.pooled, seeds)
+        out = task.forward(engine, video, rng)
     # One all-reduce: loss components (summed), counts, stop request.
     n_keys = len(keys)
     vec = torch.zeros(n_keys + 4, dtype=torch.float64, device=dist.device)
@@ -241,6 +238,7 @@ def _micro_step(engine, teacher, batch, cfg: Config, dist, grid, state: dict, st
     grad_norm = _manual_grad_norm(engine) if boundary and engine.zero_optimization_stage() == 0 else None
     engine.step()
     if boundary:
+        task.after_step(engine)
         gn = engine.get_global_grad_norm() if grad_norm is None else grad_norm
         result["grad_norm"] = float(gn) if gn is not None else None
     return result
