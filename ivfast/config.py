@@ -155,6 +155,7 @@ class DeepSpeedConfig:
     allgather_bucket_size: int = 500_000_000
     overlap_comm: bool = False
     contiguous_gradients: bool = True
+    param_persistence_threshold: int = 100_000
     cpu_shm: bool = False
 
 

@@ -16,7 +16,8 @@ def deepspeed_config(cfg: Config, bf16: bool) -> dict:
         )
     if ds.zero_stage == 3:
         zero.pop("allgather_bucket_size")
-        zero.update(stage3_prefetch_bucket_size=ds.allgather_bucket_size)
+        zero.update(stage3_prefetch_bucket_size=ds.allgather_bucket_size,
+                    stage3_param_persistence_threshold=ds.param_persistence_threshold)
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
