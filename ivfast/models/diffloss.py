@@ -24,6 +24,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ivfast.models.diffusion import GaussianDiffusion
 
@@ -101,11 +102,16 @@ class FinalLayer(nn.Module):
 
 
 class SimpleMLP(nn.Module):
-    """Denoiser: (x_t (M, in), t (M,), z (M, z_channels)) -> (M, out_channels)."""
+    """Denoiser: (x_t (M, in), t (M,), z (M, z_channels)) -> (M, out_channels).
+
+    ``fused=True`` runs the blocks and the final layer through ``kernels.adaln`` (same
+    parameters and math; SiLU(y) computed once and shared by every adaLN projection).
+    """
 
     def __init__(self, in_channels: int, width: int, out_channels: int,
-                 z_channels: int, depth: int):
+                 z_channels: int, depth: int, fused: bool = False):
         super().__init__()
+        self.fused = bool(fused)
         self.in_channels = in_channels
         self.width = width
         self.out_channels = out_channels
@@ -141,6 +147,13 @@ class SimpleMLP(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         y = self.time_embed(t) + self.cond_embed(z)
         h = self.input_proj(x_t)
+        if self.fused:
+            from kernels.adaln import fused_block_forward, fused_final_forward
+
+            silu_y = F.silu(y)
+            for block in self.res_blocks:
+                h = fused_block_forward(block, h, silu_y)
+            return fused_final_forward(self.final_layer, h, silu_y)
         for block in self.res_blocks:
             h = block(h, y)
         return self.final_layer(h, y)
@@ -155,7 +168,7 @@ class DiffusionLoss(nn.Module):
 
     def __init__(self, target_channels: int, z_channels: int, width: int = 1536,
                  depth: int = 6, num_timesteps: int = 1000, schedule: str = "cosine",
-                 learn_sigma: bool = True, batch_mul: int = 1):
+                 learn_sigma: bool = True, batch_mul: int = 1, fused: bool = False):
         super().__init__()
         if batch_mul < 1:
             raise ValueError(f"batch_mul must be >= 1, got {batch_mul}")
@@ -165,7 +178,8 @@ class DiffusionLoss(nn.Module):
         self.batch_mul = int(batch_mul)
         out_channels = 2 * target_channels if learn_sigma else target_channels
         self.net = SimpleMLP(in_channels=target_channels, width=width,
-                             out_channels=out_channels, z_channels=z_channels, depth=depth)
+                             out_channels=out_channels, z_channels=z_channels, depth=depth,
+                             fused=fused)
         self.diffusion = GaussianDiffusion(num_timesteps=num_timesteps, schedule=schedule,
                                            learn_sigma=learn_sigma)
 

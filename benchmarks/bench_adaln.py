@@ -1,0 +1,300 @@
+"""Benchmark: the fused adaLN ops (kernels.adaln) against eager PyTorch and torch.compile.
+
+Scopes: one ``AdaLNBlock`` and the whole ``SimpleMLP`` head (depth 6). Modes: forward (with
+autograd recording, as in training), backward (the graph is built in an untimed setup), full
+(forward + backward). Implementations:
+
+- ``eager_fp32``: the module in float32 (how the release runs the head),
+- ``eager_bf16``: the module in bfloat16,
+- ``compile_bf16``: ``torch.compile`` of the bfloat16 eager module,
+- ``fused_bf16`` / ``fused_fp32``: ``kernels.adaln`` (``SimpleMLP(fused=True)`` for the head,
+  ``fused_block_forward(block, x, SiLU(y))`` for a block, SiLU included).
+
+Also recorded: bytes kept for backward per row of each implementation (distinct storages of the
+tensors saved for backward, via ``torch.autograd.graph.saved_tensors_hooks``; on a GPU also the
+allocator's growth over the forward) and, on a GPU, the achieved GB/s of every memory-bound
+kernel against ``harness.copy_bandwidth_gbs()``.
+
+Shapes: GPU the real head (52,224 rows x 1536, depth 6, in 588, z 1024, out 1176); CPU small
+(a smoke run; CPU numbers say nothing about the GPU). On the CPU the fused kernels run through
+Triton's interpreter only with ``TRITON_INTERPRET=1`` set, else the fused impl runs its
+PyTorch references (``fused_backend`` in the results says which).
+
+Run:  python benchmarks/bench_adaln.py [pytest args]
+  or  python -m pytest benchmarks/bench_adaln.py -o python_files='bench_*.py' --benchmark-enable
+Results: benchmarks/results/adaln*-{gpu,cpu}-<date>.{json,md} via ``harness.write_results``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import harness  # noqa: E402
+from ivfast.models.diffloss import AdaLNBlock, SimpleMLP  # noqa: E402
+from kernels import adaln  # noqa: E402
+from kernels.dispatch import interpreting, use_triton  # noqa: E402
+
+GPU = harness.on_gpu()
+DEV = harness.bench_device()
+if GPU:
+    SHAPE = dict(rows=52224, width=1536, depth=6, in_channels=588, z_channels=1024, out_channels=1176)
+    ROUNDS, WARMUP = 20, 3
+else:
+    SHAPE = dict(rows=64 if interpreting() else 256, width=256, depth=6, in_channels=588,
+                 z_channels=1024, out_channels=1176)
+    ROUNDS, WARMUP = 3, 1
+
+SCOPES = ["block", "head"]
+IMPLS = ["eager_fp32", "eager_bf16", "compile_bf16", "fused_bf16", "fused_fp32"]
+MODES = ["forward", "backward", "full"]
+
+_RESULTS = {"adaln": [], "adaln_saved": [], "adaln_kernels": []}
+
+
+def _fused_backend(t: torch.Tensor) -> str:
+    if not use_triton(t):
+        return "reference"
+    return "triton-interpreter" if t.device.type == "cpu" else "triton"
+
+
+def _sync():
+    if GPU:
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------- implementations
+_BUILT = {}
+
+
+def _build(scope: str, impl: str):
+    """(module, make_inputs() -> (tensors requiring grad, call args), call(module, args)) cached."""
+    key = (scope, impl)
+    if key in _BUILT:
+        return _BUILT[key]
+    torch.manual_seed(0)
+    s = SHAPE
+    dtype = torch.float32 if impl.endswith("fp32") else torch.bfloat16
+    fused = impl.startswith("fused")
+    if scope == "block":
+        module = AdaLNBlock(s["width"])
+    else:
+        module = SimpleMLP(s["in_channels"], s["width"], s["out_channels"], s["z_channels"],
+                           s["depth"], fused=fused)
+    with torch.no_grad():  # non-zero adaLN / output layers so every path carries signal
+        for p in module.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+    module = module.to(DEV, dtype)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    M = s["rows"]
+    if scope == "block":
+        data = [torch.randn(M, s["width"], generator=g), torch.randn(M, s["width"], generator=g)]
+    else:
+        data = [torch.randn(M, s["in_channels"], generator=g), torch.randint(0, 1000, (M,), generator=g),
+                torch.randn(M, s["z_channels"], generator=g)]
+    data = [d.to(DEV, dtype) if d.is_floating_point() else d.to(DEV) for d in data]
+
+    def make_inputs():
+        if scope == "block":  # residual stream and condition both carry gradients
+            x, y = (d.detach().clone().requires_grad_() for d in data)
+            return [x, y], (x, y)
+        x_t, t, z = data[0], data[1], data[2].detach().clone().requires_grad_()
+        return [z], (x_t, t, z)
+
+    if scope == "block" and fused:
+        def call(m, args):
+            x, y = args
+            return adaln.fused_block_forward(m, x, F.silu(y))
+    else:
+        def call(m, args):
+            return m(*args)
+    runner = torch.compile(module) if impl.startswith("compile") else module
+    _BUILT[key] = (module, runner, make_inputs, call)
+    return _BUILT[key]
+
+
+def _gout(out):
+    g = torch.Generator(device="cpu").manual_seed(2)
+    return torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_results():
+    yield
+    config = dict(SHAPE, device=str(DEV), rounds=ROUNDS, warmup=WARMUP,
+                  interpret=interpreting())
+    for name, rows in _RESULTS.items():
+        if rows:
+            print("results:", harness.write_results(name, config, rows))
+
+
+# --------------------------------------------------------------------------- timings
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("scope", SCOPES)
+def test_adaln_time(benchmark, scope, impl, mode):
+    module, runner, make_inputs, call = _build(scope, impl)
+    params = list(module.parameters())
+    state = {}
+
+    def setup():
+        for p in params:
+            p.grad = None
+        leaves, args = make_inputs()
+        state["leaves"] = leaves
+        if mode == "backward":
+            out = call(runner, args)
+            state["out"], state["g"] = out, _gout(out)
+        else:
+            state["args"] = args
+        _sync()
+        return (), {}
+
+    def forward():
+        call(runner, state["args"])
+        _sync()
+
+    def backward():
+        state["out"].backward(state["g"])
+        _sync()
+
+    def full():
+        out = call(runner, state["args"])
+        out.backward(_gout(out))
+        _sync()
+
+    fn = {"forward": forward, "backward": backward, "full": full}[mode]
+    try:
+        for _ in range(WARMUP):  # includes torch.compile's compilation
+            setup()
+            fn()
+    except Exception as e:  # torch.compile's CPU backend fails on some bf16 graphs
+        if not impl.startswith("compile"):
+            raise
+        _RESULTS["adaln"].append(_time_row(scope, impl, mode, None, None, "-",
+                                           error=f"{type(e).__name__}"))
+        pytest.skip(f"torch.compile failed here: {type(e).__name__}: {str(e)[:200]}")
+    benchmark.group = f"{scope}-{mode}"
+    benchmark.extra_info.update(scope=scope, impl=impl, mode=mode)
+    benchmark.pedantic(fn, setup=setup, rounds=ROUNDS, iterations=1)
+    stats = getattr(benchmark, "stats", None)
+    med = stats.stats.median * 1e3 if stats is not None else None
+    mean = stats.stats.mean * 1e3 if stats is not None else None
+    _RESULTS["adaln"].append(_time_row(scope, impl, mode, med, mean, _backend(impl, state)))
+
+
+def _backend(impl, state):
+    probe = state.get("leaves", [torch.zeros(1, device=DEV)])[0]
+    return _fused_backend(probe) if impl.startswith("fused") else "-"
+
+
+def _time_row(scope, impl, mode, med, mean, backend, error=None):
+    return dict(scope=scope, impl=impl, mode=mode, rows=SHAPE["rows"], width=SHAPE["width"],
+                depth=SHAPE["depth"] if scope == "head" else 1, median_ms=med, mean_ms=mean,
+                fused_backend=backend, error=error)
+
+
+# --------------------------------------------------------------------------- saved bytes
+def _saved_storage_bytes(fn, params):
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    kept, tensor_bytes = {}, [0]
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.nbytes() and st.data_ptr() not in skip:
+            kept[st.data_ptr()] = st.nbytes()
+            tensor_bytes[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(kept.values()), tensor_bytes[0], out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("scope", SCOPES)
+def test_adaln_saved_bytes(scope, impl):
+    module, runner, make_inputs, call = _build(scope, impl)
+    params = list(module.parameters())
+    leaves, args = make_inputs()
+    call(runner, args)  # compile outside the measurement
+    _sync()
+    leaves, args = make_inputs()
+    out = None
+    try:
+        storage, tensors, out = _saved_storage_bytes(lambda: call(runner, args), params)
+    except Exception as e:  # e.g. a compiled graph refusing the hooks
+        storage = tensors = None
+        print(f"saved-tensor hooks failed for {impl}: {e!r}")
+    del out
+    retained = None
+    if GPU:  # allocator growth over a forward, the output excluded
+        _, args = make_inputs()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        out = call(runner, args)
+        torch.cuda.synchronize()
+        retained = (torch.cuda.memory_allocated() - before - out.untyped_storage().nbytes())
+        del out
+    M = SHAPE["rows"]
+    _RESULTS["adaln_saved"].append(dict(
+        scope=scope, impl=impl, rows=M, width=SHAPE["width"],
+        fused_backend=_backend(impl, {"leaves": leaves}),
+        saved_storage_bytes_per_row=None if storage is None else storage / M,
+        saved_tensor_bytes_per_row=None if tensors is None else tensors / M,
+        allocator_retained_bytes_per_row=None if retained is None else retained / M,
+        saved_MiB=None if storage is None else storage / 2 ** 20))
+
+
+# --------------------------------------------------------------------------- kernel GB/s
+@pytest.mark.skipif(not GPU, reason="kernel bandwidth needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_adaln_kernel_bandwidth(dtype):
+    M, N = SHAPE["rows"], SHAPE["width"]
+    e = torch.tensor([], dtype=dtype).element_size()
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, device="cuda").to(dtype)
+
+    x, mod, a, h, dout = r(M, N), r(M, 3 * N), r(M, N), r(M, N), r(M, N)
+    w, b = r(N) + 1, r(N)
+    shift, scale, gate = mod[:, :N], mod[:, N:2 * N], mod[:, 2 * N:]
+    _, mean, rstd = adaln._ln_mod_fwd(x, shift, scale, w, b, 1e-6)
+    d_mod = torch.empty_like(mod)
+    MN = M * N
+    kernels = {
+        # name: (fn, bytes read + written)
+        "ln_modulate_fwd": (lambda: adaln._ln_mod_fwd(x, shift, scale, w, b, 1e-6),
+                            4 * MN * e + 8 * M),
+        "ln_modulate_bwd (recompute, +dres, dshift, colsums)": (
+            lambda: adaln._ln_mod_bwd(x, scale, dout, mean, rstd, w, b, shift=shift, dres=h,
+                                      dscale=d_mod[:, N:2 * N], dshift=d_mod[:, :N], colsum=True),
+            9 * MN * e + 8 * M),
+        "bias_silu_fwd": (lambda: adaln._bias_silu_fwd(a, b), 2 * MN * e),
+        "bias_silu_bwd (recompute)": (lambda: adaln._bias_silu_bwd(a, b, dout, recompute=True),
+                                      4 * MN * e),
+        "gated_residual_fwd": (lambda: adaln._gated_fwd(x, gate, h), 4 * MN * e),
+        "gated_residual_bwd (colsums)": (
+            lambda: adaln._gated_bwd(dout, gate, h, dgate=d_mod[:, 2 * N:], colsum=True),
+            5 * MN * e),
+        "eager x + gate * h (reference)": (lambda: x + gate * h, 6 * MN * e),
+    }
+    copy_gbs = harness.copy_bandwidth_gbs()
+    for name, (fn, nbytes) in kernels.items():
+        ms = harness.gpu_time_ms(fn)
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        _RESULTS["adaln_kernels"].append(dict(
+            kernel=name, dtype=str(dtype).replace("torch.", ""), rows=M, width=N, ms=ms,
+            GB=nbytes / 1e9, GBps=gbs, copy_GBps=copy_gbs, pct_of_copy=100 * gbs / copy_gbs))
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([os.path.abspath(__file__), "-o", "python_files=bench_*.py",
+                          "--benchmark-enable", "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
