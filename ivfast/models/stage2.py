@@ -1,0 +1,263 @@
+"""Stage 2: latent prediction against a frozen copy of the Stage-1 encoder.
+
+Data flow of a step (see :meth:`Stage2Model.forward`):
+  teacher(full clip, no grad) -> last-block patch tokens (CLS dropped) -> l2      = target
+  for each of the two multi-block views (``jepa_mask.py``):
+    student encoder(visible tokens) -> predictor(full sequence: encoder tokens + mask tokens)
+      -> at masked positions: head -> l2 -> mean(2 - 2 cos) against the target
+  loss = loss_view0 + loss_view1
+
+The student (``encoder``, ``predictor``, ``predictor_pos``, ``mask_token``) has the Stage-1
+model's parameter names, so a Stage-1 state dict loads by name (:meth:`Stage2Model.load_stage1`).
+``head`` is new: an MLP (Linear-GELU-Linear-LayerNorm, then l2) from the predictor width to
+the encoder width, the release's Stage-2 decoder (``selfdist_decoder``); a single Linear would
+also do, but the release's head, with its LayerNorm before the l2, is what the paper trained.
+
+The teacher is part of this module (so an EMA teacher is checkpointed with the run); it
+never requires gradients, has no drop-path and stays in eval mode whatever ``train()`` says.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ivfast.config import Config, ModelConfig
+from ivfast.models import token_ops
+from ivfast.models.encoder import EncoderOutput, VideoEncoder
+from ivfast.models.heads import MLPHead, cosine_align_loss
+from ivfast.models.jepa_mask import multiblock_masks
+from ivfast.models.masking import MaskInfo
+from ivfast.models.pos_embed import PositionTable, interpolate_time
+from ivfast.models.predictor import Predictor
+from ivfast.models.sample_rng import SampleRNG
+
+log = logging.getLogger("ivfast.stage2")
+
+# Stage-1 parameters that Stage 2 does not use: alignment heads and pooling, reconstruction heads.
+STAGE1_ONLY_PREFIXES = ("align_pos.", "align_heads.", "pool.", "final_head.", "diffloss.", "recon_head.")
+# What Stage 2 takes from a Stage-1 state dict.
+STUDENT_PREFIXES = ("encoder.", "predictor.", "predictor_pos.")
+STUDENT_KEYS = ("mask_token",)
+
+
+def predict_masked(
+    predictor: nn.Module,
+    pos_table: torch.Tensor,
+    mask_token: torch.Tensor,
+    enc: EncoderOutput,
+    visible_idx: torch.Tensor,
+    masked_idx: torch.Tensor,
+) -> torch.Tensor:
+    """The predictor over the full sequence; its output at the masked positions (B, N_mask, width).
+
+    The sequence is ``[CLS tokens + pos_cls | encoder tokens at visible_idx, mask_token
+    elsewhere, + pos]``, the same construction as Stage 1's ``Stage1Model.predict_masked``.
+    ``pos_table``: (num_cls + N, D), CLS rows first.
+    """
+    ncls = enc.num_cls
+    seq = token_ops.scatter_with_mask_token(enc.tokens[:, ncls:], visible_idx, mask_token, pos_table[ncls:])
+    if ncls:
+        seq = torch.cat([enc.tokens[:, :ncls] + pos_table[:ncls].to(seq.dtype), seq], dim=1)
+    z = predictor(seq)[:, ncls:]
+    return token_ops.gather_tokens(z, masked_idx)
+
+
+def _encoder(cfg: ModelConfig, num_frames: int, img_size: int, drop_path: float) -> VideoEncoder:
+    e = cfg.encoder
+    return VideoEncoder(
+        img_size=img_size, patch_size=e.patch_size, num_frames=num_frames, tubelet_size=e.tubelet_size,
+        width=e.width, depth=e.depth, heads=e.heads, mlp_ratio=e.mlp_ratio, block=e.block,
+        num_cls_tokens=e.num_cls_tokens, layer_scale_init=e.layer_scale_init, drop_path=drop_path,
+        pos_learnable=e.pos_learnable,
+    )
+
+
+@dataclass
+class LoadReport:
+    """What :meth:`Stage2Model.load_stage1` did with a state dict."""
+
+    loaded: list = field(default_factory=list)  # student keys taken from the state dict
+    interpolated: dict = field(default_factory=dict)  # key -> (t_old, t_new)
+    dropped: list = field(default_factory=list)  # Stage-1-only keys (alignment, recon)
+    unexpected: list = field(default_factory=list)  # anything else (ignored)
+    new: list = field(default_factory=list)  # Stage-2 keys not from Stage 1 (head.*), freshly initialised
+
+
+class Stage2Model(nn.Module):
+    """Student encoder + predictor + head, and the teacher (a frozen copy of the encoder)."""
+
+    def __init__(self, cfg: ModelConfig, num_frames: int, img_size: int):
+        super().__init__()
+        e, p = cfg.encoder, cfg.predictor
+        self.cfg = cfg
+        self.encoder = _encoder(cfg, num_frames, img_size, e.drop_path)
+        grid = self.encoder.grid
+        self.mask_token = nn.Parameter(torch.zeros(e.width))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.predictor_pos = PositionTable(e.width, *grid, num_cls=e.num_cls_tokens, learnable=e.pos_learnable)
+        self.predictor = Predictor(
+            in_dim=e.width, width=p.width, depth=p.depth, heads=p.heads, mlp_hidden=p.mlp_hidden,
+            window=p.window, global_every=p.global_every, first_layer_id=p.first_layer_id,
+        )
+        self.head = MLPHead(p.width, e.width, l2=True)
+        self.teacher = _encoder(cfg, num_frames, img_size, 0.0)
+        self.teacher.requires_grad_(False)
+        self.copy_encoder_to_teacher()
+        self.teacher.eval()
+
+    @property
+    def loss_names(self) -> list[str]:
+        return ["loss", "loss_view0", "loss_view1"]
+
+    def train(self, mode: bool = True) -> "Stage2Model":
+        super().train(mode)
+        self.teacher.eval()  # the teacher never trains: no dropout, no drop-path
+        return self
+
+    # -- teacher ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def copy_encoder_to_teacher(self) -> None:
+        self.teacher.load_state_dict(self.encoder.state_dict())
+
+    def _teacher_student_pairs(self):
+        student = dict(self.encoder.named_parameters())
+        pairs = []
+        for name, tp in self.teacher.named_parameters():
+            sp = student[name]
+            if hasattr(tp, "ds_tensor") or hasattr(sp, "ds_tensor"):
+                raise RuntimeError("an EMA teacher needs whole parameters: use deepspeed.zero_stage 0-2, "
+                                   "or model.stage2.teacher_momentum=1.0 (a frozen teacher)")
+            pairs.append((tp, sp))
+        return pairs
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student; nothing when momentum >= 1.
+
+        In the parameters' own dtype (bf16 under bf16 training: an update smaller than bf16's
+        resolution is lost, so momenta very close to 1 may leave the teacher unchanged).
+        """
+        if momentum >= 1.0:
+            return
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"teacher momentum must be in [0, 1], got {momentum}")
+        pairs = self._teacher_student_pairs()
+        for tp, sp in pairs:
+            tp.lerp_(sp.detach().to(tp.dtype), 1.0 - momentum)
+
+    @torch.no_grad()
+    def teacher_targets(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) l2-normalised last-block patch tokens of the teacher on the full clip."""
+        return F.normalize(self.teacher(video).patch_tokens.float(), dim=-1)
+
+    # -- the step --------------------------------------------------------------------
+
+    def view_loss(self, video, targets, visible_idx, masked_idx) -> torch.Tensor:
+        enc = self.encoder(video, visible_idx)
+        z = predict_masked(self.predictor, self.predictor_pos(), self.mask_token, enc, visible_idx, masked_idx)
+        pred = self.head(z)  # per token: the head at the masked positions only
+        return cosine_align_loss(pred, token_ops.gather_tokens(targets, masked_idx))
+
+    def forward(self, video, vis0, msk0, vis1, msk1, sample_seeds=None) -> dict:
+        """Both views' losses; ``loss`` is their sum.
+
+        video (B, C, T, H, W) normalised; vis*/msk* (B, N_vis) / (B, N_mask) sorted index
+        tensors of view 0 and view 1; sample_seeds (B,) is accepted for the trainer's common
+        call signature (Stage 2 draws nothing per sample inside the model).
+        """
+        del sample_seeds
+        targets = self.teacher_targets(video)
+        l0 = self.view_loss(video, targets, vis0, msk0)
+        l1 = self.view_loss(video, targets, vis1, msk1)
+        return {"loss": l0 + l1, "loss_view0": l0.detach(), "loss_view1": l1.detach()}
+
+    # -- initialisation from Stage 1 -------------------------------------------------
+
+    @torch.no_grad()
+    def load_stage1(self, state_dict: dict, *, align_corners: bool = True) -> LoadReport:
+        """Load the student from a Stage-1 state dict and copy its encoder into the teacher.
+
+        Alignment / reconstruction keys are dropped; learnable position tables
+        (``encoder.pos.table``, ``predictor_pos.table``) are interpolated in time when the
+        checkpoint's frame count differs (``interpolate_time``, ``align_corners`` as there; the
+        release uses ``F.interpolate``'s default, ``align_corners=False``). Raises ValueError
+        naming the keys when a needed key is missing or a shape does not match.
+        """
+        own = self.state_dict()
+        needed = [k for k in own if k.startswith(STUDENT_PREFIXES) or k in STUDENT_KEYS]
+        report = LoadReport()
+        taken = {}
+        for key, value in state_dict.items():
+            if key in needed:
+                taken[key] = value
+            elif key.startswith(STAGE1_ONLY_PREFIXES):
+                report.dropped.append(key)
+            else:
+                report.unexpected.append(key)
+        missing = [k for k in needed if k not in taken]
+        if missing:
+            hint = ""
+            if any(k.startswith(("predictor.", "predictor_pos.")) or k == "mask_token" for k in missing):
+                hint = (" (a Stage-1 run with model.recon=none has no predictor: Stage 2 needs a Stage-1 "
+                        "checkpoint trained with model.recon=linear or diffusion)")
+            raise ValueError(f"Stage-1 state dict lacks {len(missing)} key(s) Stage 2 needs{hint}: "
+                             f"{_short(missing)}")
+        for key in ("encoder.pos.table", "predictor_pos.table"):
+            if key in taken and taken[key].shape != own[key].shape:
+                table = self.encoder.pos if key.startswith("encoder.") else self.predictor_pos
+                taken[key], t_old = _resize_table(taken[key], table, key, align_corners)
+                report.interpolated[key] = (t_old, table.grid[0])
+        bad = [f"{k}: checkpoint {tuple(taken[k].shape)} vs model {tuple(own[k].shape)}"
+               for k in needed if taken[k].shape != own[k].shape]
+        if bad:
+            raise ValueError("Stage-1 state dict does not fit the Stage-2 model (check the encoder/predictor "
+                             "config against the Stage-1 run's): " + "; ".join(bad[:8])
+                             + (f"; ... ({len(bad)} in all)" if len(bad) > 8 else ""))
+        for key in needed:
+            own[key].copy_(taken[key].to(own[key].dtype))
+        self.copy_encoder_to_teacher()
+        report.loaded = needed
+        report.new = [k for k in own if k not in needed and not k.startswith("teacher.")]
+        if report.unexpected:
+            log.warning("load_stage1: ignored %d unexpected key(s): %s", len(report.unexpected),
+                        _short(report.unexpected))
+        log.info("load_stage1: %d student tensors loaded, %d Stage-1-only dropped, new: %s%s", len(needed),
+                 len(report.dropped), _short(report.new),
+                 "".join(f"; {k} interpolated {a} -> {b} frames" for k, (a, b) in report.interpolated.items()))
+        return report
+
+
+def _short(keys: list, n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _resize_table(value: torch.Tensor, table: PositionTable, key: str, align_corners: bool):
+    """Interpolate a checkpoint position table (num_cls + t_old*h*w, D) in time to ``table``'s grid."""
+    t_new, h, w = table.grid
+    rows = value.shape[0] - table.num_cls
+    if value.ndim != 2 or value.shape[1] != table.dim or rows <= 0 or rows % (h * w):
+        raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} cannot be a position table for "
+                         f"{table.num_cls} CLS rows + t x {h} x {w} patches of width {table.dim} "
+                         "(only the frame count may differ between Stage 1 and Stage 2)")
+    t_old = rows // (h * w)
+    patch = interpolate_time(value[table.num_cls:].float(), t_old, t_new, h, w, align_corners=align_corners)
+    return torch.cat([value[: table.num_cls].float(), patch], dim=0), t_old
+
+
+def make_stage2_masks(cfg: ModelConfig, rng: SampleRNG, grid: tuple[int, int, int]) -> list[MaskInfo]:
+    """The step's two multi-block views from each clip's ``stage2_mask`` stream."""
+    s = cfg.stage2
+    return multiblock_masks(
+        len(rng), grid, rng.generators("stage2_mask"), small_blocks=s.small_blocks, small_scale=s.small_scale,
+        large_blocks=s.large_blocks, large_scale=s.large_scale, aspect=(s.aspect_min, s.aspect_max),
+        max_visible=s.max_visible,
+    )
+
+
+def build_stage2(cfg: Config) -> Stage2Model:
+    return Stage2Model(cfg.model, cfg.data.num_frames, cfg.data.img_size)
