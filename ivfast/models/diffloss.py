@@ -213,6 +213,31 @@ class DiffusionLoss(nn.Module):
             out["vb"] = losses["vb"].mean()
         return out
 
+    def loss_given_seeds(self, z: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+                         seeds: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Mean losses with eps drawn from Philox(seeds[r], c) and never stored.
+
+        ``seeds`` (M,) int64, one stream per row (``kernels.diffusion_noise.row_seeds``). The
+        fused kernels (CUDA, or the interpreter) and their PyTorch references draw the same
+        eps, so a run gives the same losses with kernels on or off.
+        """
+        from kernels.diffusion_noise import eps_mse_fused, q_sample_fused
+
+        d = self.diffusion
+        x_t = q_sample_fused(target, t, seeds, d.sqrt_alphas_cumprod.to(target.device),
+                             d.sqrt_one_minus_alphas_cumprod.to(target.device))
+        model_output = self.net(x_t, t, z)
+        c = target.shape[1]
+        mse = eps_mse_fused(model_output[:, :c], seeds)
+        out = {"mse": mse.mean()}
+        if self.learn_sigma:
+            frozen = torch.cat([model_output[:, :c].detach(), model_output[:, c:]], dim=1)
+            out["vb"] = d.vb_terms_bpd(frozen, target, x_t, t).mean()
+            out["loss"] = out["mse"] + out["vb"]
+        else:
+            out["loss"] = out["mse"]
+        return out
+
     def forward(self, z: torch.Tensor, target: torch.Tensor,
                 generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         if z.dim() != 2 or target.dim() != 2 or z.shape[0] != target.shape[0]:

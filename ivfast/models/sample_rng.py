@@ -47,6 +47,11 @@ class SampleRNG:
     def __len__(self) -> int:
         return len(self.seeds)
 
+    def stream_seeds(self, stream: str) -> torch.Tensor:
+        """(B,) int64: one 63-bit seed per sample for ``stream`` (for in-kernel generators)."""
+        sid = _stream_id(stream)
+        return torch.tensor([_mix(s, sid) for s in self.seeds], dtype=torch.int64, device=self.device)
+
     def generators(self, stream: str) -> list[torch.Generator]:
         """One generator per sample for ``stream`` (for APIs that take per-sample generators)."""
         return list(self._iter_generators(stream))

@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ivfast.config import Config, ModelConfig
+from kernels.diffusion_noise import row_seeds
+
 from ivfast.models import masking, token_ops
 from ivfast.models.diffloss import DiffusionLoss
 from ivfast.models.encoder import VideoEncoder
@@ -83,7 +85,7 @@ class Stage1Model(nn.Module):
             d = cfg.diffusion
             self.diffloss = DiffusionLoss(
                 self.target_dim, p.width, width=d.width, depth=d.depth, num_timesteps=d.num_timesteps,
-                schedule=d.schedule, learn_sigma=d.learn_sigma, batch_mul=d.batch_mul,
+                schedule=d.schedule, learn_sigma=d.learn_sigma, batch_mul=d.batch_mul, fused=cfg.fused_kernels,
             )
 
     @property
@@ -132,9 +134,10 @@ class Stage1Model(nn.Module):
         b, m, c = target.shape
         mul = self.diffloss.batch_mul
         t = rng.randint("diffusion_t", self.diffloss.diffusion.num_timesteps, mul, m)  # (B, mul, M)
-        noise = rng.randn("diffusion_noise", mul, m, c).to(z.dtype)  # (B, mul, M, C)
+        # Rows sample-major (b, repeat, token); eps of row r comes from Philox(seeds[r]).
+        seeds = row_seeds(rng.stream_seeds("diffusion_noise"), mul * m)
         rows = lambda x: x.unsqueeze(1).expand(b, mul, *x.shape[1:]).reshape(-1, x.shape[-1])  # noqa: E731
-        out = self.diffloss.loss_given(rows(z), rows(target.to(z.dtype)), t.reshape(-1), noise.reshape(-1, c))
+        out = self.diffloss.loss_given_seeds(rows(z), rows(target.to(z.dtype)), t.reshape(-1), seeds)
         return {"loss_recon": out["loss"], **{f"diff_{k}": v.detach() for k, v in out.items() if k != "loss"}}
 
     # -- the step -----------------------------------------------------------------------
