@@ -358,8 +358,11 @@ def validate(cfg: Config) -> None:
     _check(e.num_cls_tokens >= 0, "model.encoder.num_cls_tokens", e.num_cls_tokens, "must be >= 0")
     _check(1 <= m.align.num_layers <= min(e.depth, t.depth), "model.align.num_layers", m.align.num_layers,
            f"must be in [1, min(encoder depth, teacher depth)] = [1, {min(e.depth, t.depth)}]")
-    _check(not t.weights, "model.teacher.weights", t.weights,
-           "loading real teacher weights is not supported yet; leave it empty for a random teacher")
+    _check(not t.weights or t.weights.endswith((".safetensors", ".json")) or os.path.isdir(t.weights),
+           "model.teacher.weights", t.weights, "must be a local .safetensors file (or its index / directory)")
+    pw = m.predictor.init_weights
+    _check(not pw or pw.endswith((".safetensors", ".json")) or os.path.isdir(pw),
+           "model.predictor.init_weights", pw, "must be a local .safetensors file (or its index / directory)")
     _check(t.img_size % t.patch_size == 0, "model.teacher.img_size", t.img_size,
            f"must be a multiple of model.teacher.patch_size ({t.patch_size})")
     student_grid = d.img_size // e.patch_size

@@ -72,7 +72,8 @@ BAD = [
     (["model.stage=2"], "model.stage2.init_checkpoint = '': is required for Stage 2"),
     (["model.stage=3"], "model.stage = 3: must be one of 1 | 2"),
     (["model.stage2.teacher_momentum=0.99", "deepspeed.zero_stage=3"], "needs deepspeed.zero_stage 0-2"),
-    (["model.teacher.weights=siglip.safetensors"], "model.teacher.weights = 'siglip.safetensors': loading real"),
+    (["model.teacher.weights=siglip.bin"], "model.teacher.weights = 'siglip.bin': must be a local .safetensors"),
+    (["model.predictor.init_weights=mb.pt"], "model.predictor.init_weights = 'mb.pt': must be a local .safetensors"),
 ]
 
 

@@ -123,3 +123,27 @@ def test_tiny_forward_backward_every_variant(recon):
     out["loss"].backward()
     assert all(p.grad is not None for p in model.parameters())
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_teacher_and_predictor_weights_load_from_config(tmp_path):
+    """model.teacher.weights / model.predictor.init_weights take local safetensors into the built model."""
+    from safetensors.torch import save_file
+
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"))
+    torch.manual_seed(123)
+    donor_teacher = build_teacher(cfg.model, 4)
+    donor_pred = build_stage1(cfg).predictor
+    t_path, p_path = str(tmp_path / "siglip.safetensors"), str(tmp_path / "modernbert.safetensors")
+    save_file({f"vision_model.{k}": v.contiguous() for k, v in donor_teacher.state_dict().items()}, t_path)
+    first = cfg.model.predictor.first_layer_id
+    save_file({f"model.layers.{first + i}.{k.split('.', 2)[2]}": v.contiguous()
+               for k, v in donor_pred.layers.state_dict(prefix="layers.").items()
+               for i in [int(k.split(".")[1])]}, p_path)
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"),
+                      [f"model.teacher.weights={t_path}", f"model.predictor.init_weights={p_path}",
+                       "model.teacher.init_seed=7"])
+    teacher, model = build_teacher(cfg.model, 4), build_stage1(cfg)
+    for k, v in donor_teacher.state_dict().items():
+        assert torch.equal(teacher.state_dict()[k], v), k
+    for k, v in donor_pred.layers.state_dict().items():
+        assert torch.equal(model.predictor.layers.state_dict()[k], v), k

@@ -11,6 +11,8 @@ Data flow of a step (see :meth:`Stage1Model.forward`):
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,7 +27,11 @@ from ivfast.models.heads import AttentionPool, MLPHead, cosine_align_loss
 from ivfast.models.pos_embed import PositionTable
 from ivfast.models.predictor import Predictor
 from ivfast.models.sample_rng import SampleRNG
+from ivfast.models.weights import load_modernbert_predictor, load_siglip_teacher
 from ivfast.models.teacher import SigLIPTeacher, TeacherOutput, prepare_teacher_input, teacher_return_layers
+
+
+log = logging.getLogger("ivfast.model")
 
 
 def patchify(video: torch.Tensor, patch: int, tubelet: int = 1) -> torch.Tensor:
@@ -79,6 +85,9 @@ class Stage1Model(nn.Module):
                 in_dim=e.width, width=p.width, depth=p.depth, heads=p.heads, mlp_hidden=p.mlp_hidden,
                 window=p.window, global_every=p.global_every, first_layer_id=p.first_layer_id,
             )
+            if p.init_weights:  # ModernBERT text weights for the predictor's layers (local file)
+                report = load_modernbert_predictor(self.predictor, p.init_weights)
+                log.info("predictor initialised from %s: %s", p.init_weights, report.summary())
         if self.recon == "linear":
             self.recon_head = nn.Linear(p.width, self.target_dim)
         elif self.recon == "diffusion":
@@ -177,6 +186,9 @@ def build_teacher(cfg: ModelConfig, num_frames: int) -> SigLIPTeacher:
             img_size=t.img_size, patch_size=t.patch_size, width=t.width, depth=t.depth, heads=t.heads,
             mlp_dim=t.mlp_dim, return_layers=teacher_return_layers(t.depth, cfg.align.num_layers, t.layer_interval),
         )
+    if t.weights:
+        report = load_siglip_teacher(teacher, t.weights)
+        log.info("teacher weights from %s: %s", t.weights, report.summary())
     teacher.freeze()
     return teacher
 

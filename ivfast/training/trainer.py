@@ -69,6 +69,9 @@ def train(cfg: Config) -> dict:
 
     import deepspeed
 
+    from ivfast.models.attention import describe_backend, set_backend
+
+    set_backend(cfg.model.attention)
     torch.manual_seed(cfg.train.seed)
     task = build_task(cfg)
     model = task.model
@@ -97,6 +100,7 @@ def train(cfg: Config) -> dict:
         log.info("ivfast %s on %d x %s, %s, ZeRO-%d; %.2f M trainable params, %.2f M frozen (teacher)",
                  what, dist.world, device_kind, "bf16" if bf16 else "fp32", cfg.deepspeed.zero_stage,
                  _count_params(model, True) / 1e6, task.frozen_params() / 1e6)
+        log.info("attention: %s", describe_backend(dist.device))
         log.info("%d samples, %d steps per epoch, %d steps in all (warmup %d); %s", len(dataset), steps_per_epoch,
                  total_steps, warmup, f"resuming from {resumed_from} at step {state['step']}" if resumed_from
                  else "starting from scratch")
