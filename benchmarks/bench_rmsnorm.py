@@ -1,0 +1,184 @@
+"""Benchmark: RMSNorm and the residual add fused with it (kernels/rmsnorm.py).
+
+Run (not part of ``make test``; pytest.ini disables benchmarks by default)::
+
+    .venv/bin/python -m pytest benchmarks/bench_rmsnorm.py --benchmark-enable -q
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest benchmarks/bench_rmsnorm.py --benchmark-enable -q  # CPU + kernels
+
+Work measured:
+
+- ``rmsnorm``: ``y = rmsnorm(x, w)`` (the release block's norm1/norm2, and the QK-norm);
+- ``add_rmsnorm``: ``y, h = add_rmsnorm(branch, h, w)``: the residual add of the previous
+  sub-block fused with the next norm (eager: ``h = branch + h; y = RMSNorm(h)``).
+
+Modes: ``forward`` (no graph), ``backward`` (autograd.grad on a kept graph, gradients for
+every input and the weight), ``full`` (forward + backward).
+
+Implementations: ``eager`` (``kernels.rmsnorm.rmsnorm_reference`` / ``add_rmsnorm_reference``,
+the functions the tests use; the reference equals ``ivfast.models.layers.RMSNorm``),
+``compile`` (``torch.compile`` of them), ``triton`` (``kernels.rmsnorm``; on a CPU only when
+TRITON_INTERPRET=1, through the interpreter). On a CPU ``compile`` is skipped unless
+IVFAST_BENCH_COMPILE=1 (compile time dwarfs these tiny shapes).
+
+Shapes: GPU, the encoder on the visible tokens of the Stage-1 batch: 16 clips x (832
+visible + 4 CLS) = 13,376 rows at widths 768 and 1024, and the full clip (16 x 4100 rows,
+768), bf16 activations with an fp32 weight. CPU: 64 rows x 96, fp32.
+
+Essential bytes (the same for every implementation; the weight and the per-row rstd are
+counted, the (#programs, D) dweight partials are not):
+
+- rmsnorm forward: read x, write y; backward: read x, dy, write dx.
+- add_rmsnorm forward: read x, residual, write y, h; backward: read h, dy, dh, write dx,
+  dresidual.
+
+On a GPU each row also records the achieved GB/s and its share of
+``harness.copy_bandwidth_gbs()``. Results: benchmarks/results/rmsnorm-<gpu|cpu>-<date>.{json,md}.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import pytest
+import torch
+
+from benchmarks import harness
+from kernels import dispatch
+from kernels import rmsnorm as kr
+
+if harness.on_gpu():
+    SHAPES = [(16 * 836, 768, torch.bfloat16), (16 * 836, 1024, torch.bfloat16), (16 * 4100, 768, torch.bfloat16)]
+else:
+    SHAPES = [(64, 96, torch.float32)]
+OPS = ("rmsnorm", "add_rmsnorm")
+MODES = ("forward", "backward", "full")
+IMPLS = ("eager", "compile", "triton")
+EPS = 1e-6
+
+_ROWS: list[dict] = []
+_COMPILED: dict = {}
+
+
+def _sid(s):
+    return f"{s[0]}x{s[1]}-{str(s[2])[6:]}"
+
+
+def _sync():
+    if harness.on_gpu():
+        torch.cuda.synchronize()
+
+
+def _time_ms(fn) -> float:
+    if harness.on_gpu():
+        return harness.gpu_time_ms(fn)
+    fn()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_results():
+    yield
+    if not _ROWS:
+        return
+    dev = harness.bench_device()
+    config = {
+        "ops": list(OPS), "modes": list(MODES), "eps": EPS, "weight_dtype": "float32",
+        "timing": "triton do_bench median" if harness.on_gpu() else "perf_counter median of 5",
+        "triton_path": dispatch.use_triton(torch.empty(0, device=dev)),
+        "essential_bytes": "see benchmarks/bench_rmsnorm.py docstring",
+    }
+    if harness.on_gpu():
+        config["copy_bandwidth_gbs"] = round(harness.copy_bandwidth_gbs(), 1)
+        for r in _ROWS:
+            r["pct_copy_bw"] = round(100 * r["gbs"] / config["copy_bandwidth_gbs"], 1)
+    print("\nresults:", harness.write_results("rmsnorm", config, _ROWS))
+
+
+def _essential_bytes(op, mode, rows, d, dtype):
+    t = rows * d * torch.empty(0, dtype=dtype).element_size()
+    small = d * 4 + rows * 4  # weight, rstd
+    if op == "rmsnorm":
+        fwd, bwd = 2 * t + small, 3 * t + small
+    else:
+        fwd, bwd = 4 * t + small, 5 * t + small
+    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
+
+
+def _compiled(op):
+    if op not in _COMPILED:
+        _COMPILED[op] = torch.compile(kr.rmsnorm_reference if op == "rmsnorm" else kr.add_rmsnorm_reference)
+    return _COMPILED[op]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_sid)
+def test_rmsnorm(benchmark, shape, op, impl, mode):
+    dev = harness.bench_device()
+    if impl == "triton" and not dispatch.use_triton(torch.empty(0, device=dev)):
+        pytest.skip("triton path: GPU, or CPU with TRITON_INTERPRET=1 set before the run")
+    if impl == "compile" and not harness.on_gpu() and os.environ.get("IVFAST_BENCH_COMPILE") != "1":
+        print("torch.compile baseline skipped on CPU (compile time dominates at these sizes; "
+              "IVFAST_BENCH_COMPILE=1 to include it)")
+        pytest.skip("torch.compile baseline skipped on CPU (IVFAST_BENCH_COMPILE=1 to include it)")
+    rows, d, dtype = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, d, generator=g).to(dev, dtype).requires_grad_()
+    res = torch.randn(rows, d, generator=g).to(dev, dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(d, generator=g)).to(dev).requires_grad_()
+
+    if impl == "triton":
+        f = kr.rmsnorm if op == "rmsnorm" else kr.add_rmsnorm
+    elif impl == "eager":
+        f = kr.rmsnorm_reference if op == "rmsnorm" else kr.add_rmsnorm_reference
+    else:
+        f = _compiled(op)
+    if op == "rmsnorm":
+        inputs = [x, w]
+        fwd = lambda: (f(x, w, EPS),)  # noqa: E731
+    else:
+        inputs = [x, res, w]
+        fwd = lambda: f(x, res, w, EPS)  # noqa: E731
+
+    try:
+        outs = fwd()
+    except Exception as e:  # e.g. torch.compile without a toolchain
+        if impl != "compile":
+            raise
+        pytest.skip(f"torch.compile unavailable here: {type(e).__name__}: {e}")
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(o.shape, generator=gen).to(dev, o.dtype) for o in outs]
+
+    def forward():
+        with torch.no_grad():
+            fwd()
+        _sync()
+
+    def backward():
+        torch.autograd.grad(outs, inputs, grads, retain_graph=True)
+        _sync()
+
+    def full():
+        torch.autograd.grad(fwd(), inputs, grads)
+        _sync()
+
+    fn = {"forward": forward, "backward": backward, "full": full}[mode]
+    try:
+        fn()
+    except RuntimeError as e:  # a compiled graph that cannot be kept for retain_graph, etc.
+        pytest.skip(f"{impl}/{mode} not measurable here: {e}")
+    benchmark(fn)
+    ms = _time_ms(fn)
+    nbytes = _essential_bytes(op, mode, rows, d, dtype)
+    _ROWS.append({
+        "op": op, "impl": impl, "mode": mode, "rows": rows, "D": d, "dtype": str(dtype)[6:],
+        "ms": round(ms, 4), "essential_bytes": nbytes,
+        "gbs": round(nbytes / (ms * 1e-3) / 1e9, 1) if harness.on_gpu() else None,
+    })

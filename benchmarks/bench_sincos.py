@@ -1,0 +1,148 @@
+"""Benchmark: sine-cosine embeddings computed by kernels (kernels/sincos.py).
+
+Run (not part of ``make test``; pytest.ini disables benchmarks by default)::
+
+    .venv/bin/python -m pytest benchmarks/bench_sincos.py --benchmark-enable -q
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest benchmarks/bench_sincos.py --benchmark-enable -q  # CPU + kernels
+
+Work measured (forward only: neither has a backward; the table is a constant and the
+timesteps are integers):
+
+- ``sincos_3d``: the fixed (t*h*w, D) position table on the device. The reference
+  (``ivfast.models.pos_embed.sincos_3d``) builds it in float64 on the CPU and copies it over;
+  this is what a fixed ``PositionTable`` pays when it is (re)built, e.g. for another grid.
+- ``timestep``: ``timestep_embedding(t, 256)`` for the diffusion head's rows (reference
+  ``ivfast.models.diffloss.timestep_embedding``, on the device).
+
+Implementations: ``eager`` (the references the tests use), ``compile`` (``torch.compile`` of
+them), ``triton`` (``kernels.sincos``; on a CPU only when TRITON_INTERPRET=1, through the
+interpreter). On a CPU ``compile`` is skipped unless IVFAST_BENCH_COMPILE=1.
+
+Shapes: GPU: tables (16 x 16 x 16, 768) and (32 x 16 x 16, 1024) in fp32; timesteps for
+16 clips x 3264 masked tokens (52,224 rows) and 4x that (``diffusion_batch_mul`` 4), 256
+wide. CPU: (2 x 4 x 4, 64) and 64 timesteps.
+
+Essential bytes: the output written (and the timesteps read). On a GPU each row also
+records the achieved GB/s and its share of ``harness.copy_bandwidth_gbs()``.
+Results: benchmarks/results/sincos-<gpu|cpu>-<date>.{json,md}.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import pytest
+import torch
+
+from benchmarks import harness
+from kernels import dispatch
+from kernels import sincos as ks
+
+if harness.on_gpu():
+    TABLES = [(768, (16, 16, 16)), (1024, (32, 16, 16))]
+    TIMESTEPS = [(52224, 256), (4 * 52224, 256)]
+else:
+    TABLES = [(64, (2, 4, 4))]
+    TIMESTEPS = [(64, 256)]
+IMPLS = ("eager", "compile", "triton")
+
+_ROWS: list[dict] = []
+_COMPILED: dict = {}
+
+
+def _sync():
+    if harness.on_gpu():
+        torch.cuda.synchronize()
+
+
+def _time_ms(fn) -> float:
+    if harness.on_gpu():
+        return harness.gpu_time_ms(fn)
+    fn()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_results():
+    yield
+    if not _ROWS:
+        return
+    dev = harness.bench_device()
+    config = {
+        "mode": "forward (no backward exists)",
+        "timing": "triton do_bench median" if harness.on_gpu() else "perf_counter median of 5",
+        "triton_path": dispatch.use_triton(torch.empty(0, device=dev)),
+        "essential_bytes": "output written (+ timesteps read)",
+    }
+    if harness.on_gpu():
+        config["copy_bandwidth_gbs"] = round(harness.copy_bandwidth_gbs(), 1)
+        for r in _ROWS:
+            r["pct_copy_bw"] = round(100 * r["gbs"] / config["copy_bandwidth_gbs"], 1)
+    print("\nresults:", harness.write_results("sincos", config, _ROWS))
+
+
+def _skip_unavailable(impl, dev):
+    if impl == "triton" and not dispatch.use_triton(torch.empty(0, device=dev)):
+        pytest.skip("triton path: GPU, or CPU with TRITON_INTERPRET=1 set before the run")
+    if impl == "compile" and not harness.on_gpu() and os.environ.get("IVFAST_BENCH_COMPILE") != "1":
+        print("torch.compile baseline skipped on CPU (compile time dominates at these sizes; "
+              "IVFAST_BENCH_COMPILE=1 to include it)")
+        pytest.skip("torch.compile baseline skipped on CPU (IVFAST_BENCH_COMPILE=1 to include it)")
+
+
+def _run(benchmark, impl, call, row):
+    def fn():
+        call()
+        _sync()
+
+    try:
+        fn()
+    except Exception as e:  # e.g. torch.compile without a toolchain
+        if impl != "compile":
+            raise
+        pytest.skip(f"torch.compile unavailable here: {type(e).__name__}: {e}")
+    benchmark(fn)
+    ms = _time_ms(fn)
+    row.update(ms=round(ms, 4), gbs=round(row["essential_bytes"] / (ms * 1e-3) / 1e9, 1) if harness.on_gpu() else None)
+    _ROWS.append(row)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dim,grid", TABLES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"D{v}")
+def test_sincos_3d(benchmark, dim, grid, impl):
+    dev = harness.bench_device()
+    _skip_unavailable(impl, dev)
+    if impl == "triton":
+        call = lambda: ks.sincos_3d(dim, *grid, device=dev)  # noqa: E731
+    else:
+        f = ks.sincos_3d_reference
+        if impl == "compile":
+            f = _COMPILED.setdefault("sincos_3d", torch.compile(ks.sincos_3d_reference))
+        call = lambda: f(dim, *grid, device=dev)  # noqa: E731
+    rows = grid[0] * grid[1] * grid[2]
+    _run(benchmark, impl, call, {"op": "sincos_3d", "impl": impl, "mode": "forward", "rows": rows, "D": dim,
+                                 "grid": "x".join(map(str, grid)), "dtype": "float32",
+                                 "essential_bytes": rows * dim * 4})
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("m,dim", TIMESTEPS, ids=lambda v: str(v))
+def test_timestep_embedding(benchmark, m, dim, impl):
+    dev = harness.bench_device()
+    _skip_unavailable(impl, dev)
+    t = torch.randint(0, 1000, (m,), generator=torch.Generator().manual_seed(0)).to(dev)
+    if impl == "triton":
+        call = lambda: ks.timestep_embedding(t, dim)  # noqa: E731
+    else:
+        f = ks.timestep_embedding_reference
+        if impl == "compile":
+            f = _COMPILED.setdefault("timestep", torch.compile(ks.timestep_embedding_reference))
+        call = lambda: f(t, dim)  # noqa: E731
+    _run(benchmark, impl, call, {"op": "timestep", "impl": impl, "mode": "forward", "rows": m, "D": dim,
+                                 "grid": None, "dtype": "float32", "essential_bytes": m * dim * 4 + m * 8})

@@ -1,0 +1,230 @@
+"""Benchmark: the masked-token gather / mask-token scatter with the position add (kernels/token_gather.py).
+
+Run (not part of ``make test``; pytest.ini disables benchmarks by default)::
+
+    .venv/bin/python -m pytest benchmarks/bench_token_gather.py --benchmark-enable -q
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest benchmarks/bench_token_gather.py --benchmark-enable -q  # CPU + kernels
+
+Work measured:
+
+- ``gather``: ``add_pos_and_gather(x, idx, P)``: the encoder input, (B, N, D) -> (B, M, D);
+- ``scatter``: ``scatter_with_mask_token(enc_out, idx, mask_token, P)``: the predictor input,
+  (B, M, D) -> (B, N, D).
+
+``P`` is a learnable table (``pos=table``, in the token dtype, gradient wanted) or the fixed
+3-D sincos (``pos=sincos``: the baselines read a precomputed device table, as the model's
+``PositionTable`` buffer is; the kernel computes it from the token index). Modes: ``forward``,
+``backward`` (autograd.grad on a kept graph) and ``full`` (forward + backward).
+
+Implementations: ``eager`` (the reference functions the tests use:
+``ivfast.models.token_ops``), ``compile`` (``torch.compile`` of the same functions), and
+``triton`` (``kernels.token_gather``; on a CPU only when TRITON_INTERPRET=1, through the
+interpreter). On a CPU ``compile`` is skipped unless IVFAST_BENCH_COMPILE=1 (compile time
+dwarfs these tiny shapes; the point of the CPU run is that the harness works).
+
+Shapes: GPU, the real Stage-1 batch: 16 clips x 16 frames x 16 x 16 = 4096 tokens, mask 0.8
+per frame (52 of 256 visible -> M = 832), widths 768 and 1024, bf16. CPU: 2 x (2 x 4 x 4), 4
+of 16 visible per frame, width 64, fp32.
+
+On a GPU each row records the median time (``harness.gpu_time_ms``), the essential bytes
+(below), the achieved GB/s and its share of ``harness.copy_bandwidth_gbs()``. Essential
+bytes are what the operation must move at least, the same for every implementation:
+
+- gather forward: read the B*M gathered x rows, the table rows used (union over the batch;
+  0 for sincos) and idx; write B*M rows.
+- gather backward: read grad_out (B*M rows) and idx; write grad_x (B*N rows) and grad_pos
+  (N rows, table only).
+- scatter forward: read the B*M visible rows, idx, the table (N rows; 0 for sincos); write
+  B*N rows.
+- scatter backward: read grad_out (B*N rows) and idx; write grad_visible (B*M rows) and
+  grad_pos (N rows, table only); the mask token's gradient is a (D,) vector.
+- full: forward + backward.
+
+Results: benchmarks/results/token_gather-<gpu|cpu>-<date>.{json,md}.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import pytest
+import torch
+
+from benchmarks import harness
+from ivfast.models import pos_embed, token_ops
+from kernels import dispatch
+from kernels import token_gather as tg
+
+if harness.on_gpu():
+    SHAPES = [(16, (16, 16, 16), 52, 768, torch.bfloat16), (16, (16, 16, 16), 52, 1024, torch.bfloat16)]
+else:
+    SHAPES = [(2, (2, 4, 4), 4, 64, torch.float32)]
+OPS = ("gather", "scatter")
+POS_KINDS = ("table", "sincos")
+MODES = ("forward", "backward", "full")
+IMPLS = ("eager", "compile", "triton")
+
+_ROWS: list[dict] = []
+_COMPILED: dict = {}
+
+
+def _sid(s):
+    b, grid, vis, d, dtype = s
+    return f"B{b}-{'x'.join(map(str, grid))}-vis{vis}-D{d}-{str(dtype)[6:]}"
+
+
+def _sync():
+    if harness.on_gpu():
+        torch.cuda.synchronize()
+
+
+def _time_ms(fn) -> float:
+    if harness.on_gpu():
+        return harness.gpu_time_ms(fn)
+    fn()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_results():
+    yield
+    if not _ROWS:
+        return
+    dev = harness.bench_device()
+    config = {
+        "ops": list(OPS), "pos": list(POS_KINDS), "modes": list(MODES),
+        "timing": "triton do_bench median" if harness.on_gpu() else "perf_counter median of 5",
+        "triton_path": dispatch.use_triton(torch.empty(0, device=dev)),
+        "essential_bytes": "see benchmarks/bench_token_gather.py docstring",
+    }
+    if harness.on_gpu():
+        config["copy_bandwidth_gbs"] = round(harness.copy_bandwidth_gbs(), 1)
+        for r in _ROWS:
+            r["pct_copy_bw"] = round(100 * r["gbs"] / config["copy_bandwidth_gbs"], 1)
+    print("\nresults:", harness.write_results("token_gather", config, _ROWS))
+
+
+def _inputs(shape, dev):
+    b, grid, vis_per_frame, d, dtype = shape
+    t, h, w = grid
+    hw = h * w
+    n = t * hw
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([
+        torch.cat([torch.randperm(hw, generator=g)[:vis_per_frame] + f * hw for f in range(t)]).sort().values
+        for _ in range(b)
+    ]).to(dev)
+    m = idx.shape[1]
+    x = torch.randn(b, n, d, generator=g).to(dev, dtype).requires_grad_()
+    enc = torch.randn(b, m, d, generator=g).to(dev, dtype).requires_grad_()
+    mask_token = torch.randn(d, generator=g).to(dev, dtype).requires_grad_()
+    table = (0.02 * torch.randn(n, d, generator=g)).to(dev, dtype).requires_grad_()
+    fixed = pos_embed.sincos_3d(d, t, h, w).to(dev, dtype)  # the baselines' precomputed buffer
+    return idx, x, enc, mask_token, table, fixed
+
+
+def _essential_bytes(op, kind, mode, shape, idx):
+    b, grid, _, d, dtype = shape
+    n = grid[0] * grid[1] * grid[2]
+    m = idx.shape[1]
+    row = d * torch.empty(0, dtype=dtype).element_size()
+    ib = idx.numel() * idx.element_size()
+    if op == "gather":
+        used = torch.unique(idx).numel() if kind == "table" else 0
+        fwd = b * m * row + used * row + ib + b * m * row
+        bwd = b * m * row + ib + b * n * row + (n * row if kind == "table" else 0)
+    else:
+        fwd = b * m * row + ib + (n * row if kind == "table" else 0) + b * n * row
+        bwd = b * n * row + ib + b * m * row + (n * row if kind == "table" else 0)
+    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
+
+
+def _eager_gather(x, idx, table):
+    return token_ops.add_pos_and_gather(x, table, idx)
+
+
+def _eager_scatter(enc, idx, mask_token, table):
+    return token_ops.scatter_with_mask_token(enc, idx, mask_token, table)
+
+
+def _compiled(name):
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile({"gather": _eager_gather, "scatter": _eager_scatter}[name])
+    return _COMPILED[name]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", POS_KINDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_sid)
+def test_token_gather(benchmark, shape, op, kind, impl, mode):
+    dev = harness.bench_device()
+    if impl == "triton" and not dispatch.use_triton(torch.empty(0, device=dev)):
+        pytest.skip("triton path: GPU, or CPU with TRITON_INTERPRET=1 set before the run")
+    if impl == "compile" and not harness.on_gpu() and os.environ.get("IVFAST_BENCH_COMPILE") != "1":
+        print("torch.compile baseline skipped on CPU (compile time dominates at these sizes; "
+              "IVFAST_BENCH_COMPILE=1 to include it)")
+        pytest.skip("torch.compile baseline skipped on CPU (IVFAST_BENCH_COMPILE=1 to include it)")
+    b, grid, _, d, dtype = shape
+    idx, x, enc, mask_token, table, fixed = _inputs(shape, dev)
+
+    if op == "gather":
+        inputs = [x] + ([table] if kind == "table" else [])
+        if impl == "triton":
+            fwd = (lambda: tg.add_pos_and_gather(x, idx, table)) if kind == "table" else \
+                (lambda: tg.add_pos_and_gather(x, idx, grid=grid))
+        else:
+            f = _eager_gather if impl == "eager" else _compiled("gather")
+            tab = table if kind == "table" else fixed
+            fwd = lambda: f(x, idx, tab)  # noqa: E731
+    else:
+        inputs = [enc, mask_token] + ([table] if kind == "table" else [])
+        if impl == "triton":
+            fwd = (lambda: tg.scatter_with_mask_token(enc, idx, mask_token, table)) if kind == "table" else \
+                (lambda: tg.scatter_with_mask_token(enc, idx, mask_token, grid=grid))
+        else:
+            f = _eager_scatter if impl == "eager" else _compiled("scatter")
+            tab = table if kind == "table" else fixed
+            fwd = lambda: f(enc, idx, mask_token, tab)  # noqa: E731
+
+    try:
+        out = fwd()
+    except Exception as e:  # e.g. torch.compile without a toolchain
+        if impl != "compile":
+            raise
+        pytest.skip(f"torch.compile unavailable here: {type(e).__name__}: {e}")
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dev, out.dtype)
+
+    def forward():
+        with torch.no_grad():
+            fwd()
+        _sync()
+
+    def backward():
+        torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+        _sync()
+
+    def full():
+        torch.autograd.grad(fwd(), inputs, grad_out)
+        _sync()
+
+    fn = {"forward": forward, "backward": backward, "full": full}[mode]
+    try:
+        fn()
+    except RuntimeError as e:  # a compiled graph that cannot be kept for retain_graph, etc.
+        pytest.skip(f"{impl}/{mode} not measurable here: {e}")
+    benchmark(fn)
+    ms = _time_ms(fn)
+    nbytes = _essential_bytes(op, kind, mode, shape, idx)
+    _ROWS.append({
+        "op": op, "pos": kind, "impl": impl, "mode": mode, "B": b, "grid": "x".join(map(str, grid)),
+        "M": idx.shape[1], "D": d, "dtype": str(dtype)[6:], "ms": round(ms, 4),
+        "essential_bytes": nbytes, "gbs": round(nbytes / (ms * 1e-3) / 1e9, 1) if harness.on_gpu() else None,
+    })
