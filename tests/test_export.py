@@ -2,6 +2,8 @@
 import os
 import shutil
 import subprocess
+
+from conftest import run_env
 import sys
 
 import pytest
@@ -21,7 +23,7 @@ STAGE2_TINY = os.path.join(ROOT, "configs", "stage2_tiny.yaml")
 def start_train(out, *overrides, config=TINY):
     cmd = [sys.executable, "ivfast/train.py", "--config", config, f"output_dir={out}", "train.max_steps=2",
            "data.num_workers=0", "train.progress=false", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two runs side by side
+    env = run_env(OMP_NUM_THREADS="1")  # two runs side by side
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 

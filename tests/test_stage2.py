@@ -10,7 +10,8 @@ from ivfast.models.layers import DropPath
 from ivfast.models.pos_embed import interpolate_time
 from ivfast.models.sample_rng import SampleRNG
 from ivfast.models.stage1 import build_stage1
-from ivfast.models.stage2 import build_stage2, make_stage2_masks, predict_masked
+from ivfast.models.predictor import predict_masked
+from ivfast.models.stage2 import build_stage2, make_stage2_masks
 from ivfast.training.optim import build_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,7 +155,7 @@ def test_same_frames_reuses_the_stage1_computation(stage1_state):
         expect = F.normalize(s1.encoder(video).patch_tokens, dim=-1)
         assert torch.allclose(model.teacher_targets(video), expect, atol=1e-6)
         enc = s1.encoder(video, vis)
-        z1 = s1.predict_masked(enc, vis, msk)
+        z1 = predict_masked(s1.predictor, s1.predictor_pos(), s1.mask_token, enc, vis, msk)
         z2 = predict_masked(model.predictor, model.predictor_pos(), model.mask_token, model.encoder(video, vis),
                             vis, msk)
     assert torch.allclose(z1, z2, atol=1e-6)

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from conftest import run_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -25,17 +26,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def train_cmd(out, overrides=(), nproc=1):
-    args = ["ivfast/train.py", "--config", TINY, f"output_dir={out}", *FAST, *overrides]
+def train_cmd(out, overrides=(), nproc=1, config=TINY):
+    args = ["ivfast/train.py", "--config", config, f"output_dir={out}", *FAST, *overrides]
     if nproc == 1:
         return [sys.executable, *args]
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     return [launcher, "--num_gpus", str(nproc), "--master_port", str(_free_port()), *args]
 
 
-def run_train(out, overrides=(), nproc=1, timeout=600):
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    proc = subprocess.run(train_cmd(out, overrides, nproc), cwd=ROOT, capture_output=True, text=True,
+def run_train(out, overrides=(), nproc=1, timeout=600, interpret=False, config=TINY):
+    env = run_env(interpret)
+    proc = subprocess.run(train_cmd(out, overrides, nproc, config), cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -94,7 +95,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     run_train(straight, overrides)
 
     killed = str(tmp_path / "killed")
-    env = {**os.environ}
+    env = run_env()
     proc = subprocess.Popen(train_cmd(killed, overrides), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
     path = os.path.join(killed, "metrics.jsonl")
@@ -119,7 +120,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
 def test_nonfinite_loss_everywhere_stops_after_a_bounded_number_of_skips(tmp_path):
     out = str(tmp_path / "nan")
     proc = subprocess.run(train_cmd(out, ["model.loss_weights=[1.0, 1.0, .nan]", "train.max_steps=5"]),
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=run_env())
     assert proc.returncode != 0
     assert "50 consecutive steps skipped (a non-finite loss); stopping" in proc.stderr
 
@@ -169,7 +170,7 @@ def test_nan_on_one_rank_is_skipped_on_all_ranks(tmp_path):
 
 def test_cli_reports_a_bad_config_in_one_line():
     proc = subprocess.run([sys.executable, "ivfast/train.py", "--config", TINY, "model.mask_ratio=1.5"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=run_env())
     assert proc.returncode == 2
     assert proc.stderr.strip() == "config error: model.mask_ratio = 1.5: must be in (0, 1)"
 
@@ -205,6 +206,33 @@ def test_pyav_list_training_skips_and_counts_unreadable_videos(tmp_path):
 def test_a_batch_of_mostly_unreadable_videos_stops_the_run(tmp_path):
     data = _make_list(tmp_path, n_good=2, n_bad=6)
     proc = subprocess.run(train_cmd(str(tmp_path / "run"), [*data, "train.max_steps=2", "data.batch_size=8"]),
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=run_env())
     assert proc.returncode != 0
     assert "6 of 8 videos in this batch could not be read (more than data.max_bad_fraction = 0.5)" in proc.stderr
+
+
+@pytest.mark.parametrize("learnable", [True, False], ids=["pos-table", "pos-in-kernel"])
+def test_kernels_through_the_interpreter_match_the_reference_run(tmp_path, learnable):
+    """Every fused kernel on (gather, scatter, Philox q_sample + MSE, timestep embedding, adaLN head)
+    vs all references; fixed positions exercise the in-kernel sine-cosine."""
+    common = ["train.max_steps=3", "data.batch_size=2", f"model.encoder.pos_learnable={str(learnable).lower()}"]
+    run_train(str(tmp_path / "ref"), [*common, "model.fused_kernels=false"])
+    run_train(str(tmp_path / "fused"), [*common, "model.fused_kernels=true"], interpret=True)
+    ref, fused = metrics(str(tmp_path / "ref")), metrics(str(tmp_path / "fused"))
+    assert len(ref) == len(fused) == 3
+    for a, b in zip(ref, fused):
+        for key in ("loss", "loss_align_layers", "loss_align_final", "loss_recon", "diff_mse", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (key, a["step"])
+
+
+def test_stage1_checkpoint_then_stage2_trains_and_its_loss_falls(tmp_path):
+    s1 = str(tmp_path / "s1")
+    run_train(s1, ["train.max_steps=10"])
+    s2 = str(tmp_path / "s2")
+    run_train(s2, [f"model.stage2.init_checkpoint={s1}/checkpoints", "train.max_steps=20", "train.lr=5e-4"],
+              config=os.path.join(ROOT, "configs", "stage2_tiny.yaml"))
+    recs = metrics(s2)
+    assert [r["step"] for r in recs] == list(range(1, 21))
+    first, last = [r["loss"] for r in recs[:5]], [r["loss"] for r in recs[-5:]]
+    assert sum(last) < 0.95 * sum(first), [r["loss"] for r in recs]
+    assert {"loss_view0", "loss_view1"} <= set(recs[0])

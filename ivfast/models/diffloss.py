@@ -62,8 +62,14 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(width, width),
         )
 
+    fused = False  # set by SimpleMLP(fused=True): the embedding from kernels.sincos
+
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = timestep_embedding(t, self.frequency_embedding_size)
+        if self.fused:
+            from kernels.sincos import timestep_embedding as embed
+        else:
+            embed = timestep_embedding
+        emb = embed(t, self.frequency_embedding_size)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
@@ -118,6 +124,7 @@ class SimpleMLP(nn.Module):
         self.z_channels = z_channels
         self.depth = depth
         self.time_embed = TimestepEmbedder(width)
+        self.time_embed.fused = self.fused
         self.cond_embed = nn.Linear(z_channels, width)
         self.input_proj = nn.Linear(in_channels, width)
         self.res_blocks = nn.ModuleList([AdaLNBlock(width) for _ in range(depth)])

@@ -97,8 +97,10 @@ class VideoEncoder(nn.Module):
         drop_path: float = 0.1,
         pos_learnable: bool = True,
         return_layers: Sequence[int] = (),
+        fused: bool = False,
     ):
         super().__init__()
+        self.fused = bool(fused)
         if block not in BLOCK_STYLES:
             raise ValueError(f"block must be one of {BLOCK_STYLES}, got {block!r}")
         if img_size % patch_size or num_frames % tubelet_size:
@@ -156,11 +158,21 @@ class VideoEncoder(nn.Module):
         else:
             if visible_idx.ndim != 2 or visible_idx.shape[0] != x.shape[0]:
                 raise ValueError(f"visible_idx must be (B, N_vis), got {tuple(visible_idx.shape)}")
-            x = add_pos_and_gather(x, pos, visible_idx)
+            x = self._gather(x, pos, visible_idx, (t // self.tubelet_size, h // self.patch_size, w // self.patch_size))
         if self.cls_token is not None:
             cls = (self.cls_token + self.pos.cls).to(x.dtype).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
         return x
+
+    def _gather(self, x, pos, idx, grid):
+        """(x + pos)[idx]: the reference, or the fused kernel (in-kernel sine-cosine for fixed tables)."""
+        if not self.fused:
+            return add_pos_and_gather(x, pos, idx)
+        from kernels.token_gather import add_pos_and_gather as fused_gather
+
+        if isinstance(self.pos.table, nn.Parameter):
+            return fused_gather(x, idx, pos=pos)
+        return fused_gather(x, idx, grid=grid)
 
     def forward(self, video: torch.Tensor, visible_idx: torch.Tensor | None = None) -> EncoderOutput:
         """video (B, C, T, H, W); visible_idx (B, N_vis) int64 sorted ascending, or None for all."""

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import token_ops
 from .attention import attention
 from .heads import MLPHead
 
@@ -171,3 +172,23 @@ class Predictor(nn.Module):
             cos, sin = tables[layer.rope_theta]
             x = layer(x, cos, sin)
         return x
+
+
+def predict_masked(predictor: nn.Module, pos_table: torch.Tensor, mask_token: torch.Tensor, enc,
+                   visible_idx: torch.Tensor, masked_idx: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """The predictor over the full sequence; its output at the masked positions (B, N_mask, width).
+
+    The sequence is ``[CLS tokens + pos_cls | encoder tokens at visible_idx, mask_token elsewhere,
+    + pos]`` (``pos_table``: (num_cls + N, D), CLS rows first; ``enc``: an ``EncoderOutput``).
+    ``fused``: build it with the one-kernel scatter of ``kernels.token_gather`` (Stages 1 and 2).
+    """
+    ncls = enc.num_cls
+    if fused:
+        from kernels.token_gather import scatter_with_mask_token
+    else:
+        scatter_with_mask_token = token_ops.scatter_with_mask_token
+    seq = scatter_with_mask_token(enc.tokens[:, ncls:], visible_idx, mask_token, pos_table[ncls:])
+    if ncls:
+        seq = torch.cat([enc.tokens[:, :ncls] + pos_table[:ncls].to(seq.dtype), seq], dim=1)
+    z = predictor(seq)[:, ncls:]
+    return token_ops.gather_tokens(z, masked_idx)

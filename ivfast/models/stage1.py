@@ -25,7 +25,7 @@ from ivfast.models.diffloss import DiffusionLoss
 from ivfast.models.encoder import VideoEncoder
 from ivfast.models.heads import AttentionPool, MLPHead, cosine_align_loss
 from ivfast.models.pos_embed import PositionTable
-from ivfast.models.predictor import Predictor
+from ivfast.models.predictor import Predictor, predict_masked
 from ivfast.models.sample_rng import SampleRNG
 from ivfast.models.weights import load_modernbert_predictor, load_siglip_teacher
 from ivfast.models.teacher import SigLIPTeacher, TeacherOutput, prepare_teacher_input, teacher_return_layers
@@ -66,6 +66,7 @@ class Stage1Model(nn.Module):
             width=e.width, depth=e.depth, heads=e.heads, mlp_ratio=e.mlp_ratio, block=e.block,
             num_cls_tokens=e.num_cls_tokens, layer_scale_init=e.layer_scale_init, drop_path=e.drop_path,
             pos_learnable=e.pos_learnable, return_layers=student_return_layers(e.depth, a.num_layers),
+            fused=cfg.fused_kernels,
         )
         grid = self.encoder.grid
         teacher_width = cfg.teacher.width
@@ -127,16 +128,6 @@ class Stage1Model(nn.Module):
         loss_final = cosine_align_loss(final_pred, final_target.to(final_pred.dtype))
         return loss_layers, loss_final
 
-    def predict_masked(self, enc, visible_idx, masked_idx):
-        """Predictor over the full sequence; its output at the masked positions (B, N_mask, width)."""
-        ncls = enc.num_cls
-        table = self.predictor_pos()
-        seq = token_ops.scatter_with_mask_token(enc.tokens[:, ncls:], visible_idx, self.mask_token, table[ncls:])
-        if ncls:
-            seq = torch.cat([enc.tokens[:, :ncls] + table[:ncls].to(seq.dtype), seq], dim=1)
-        z = self.predictor(seq)[:, ncls:]
-        return token_ops.gather_tokens(z, masked_idx)
-
     def recon_loss(self, z, target, rng: SampleRNG) -> dict:
         if self.recon == "linear":
             return {"loss_recon": F.mse_loss(self.recon_head(z), target.to(z.dtype))}
@@ -164,7 +155,8 @@ class Stage1Model(nn.Module):
         out = {"loss_align_layers": loss_layers, "loss_align_final": loss_final}
         total = w[0] * loss_layers + w[1] * loss_final
         if self.recon != "none":
-            z = self.predict_masked(enc, visible_idx, masked_idx)
+            z = predict_masked(self.predictor, self.predictor_pos(), self.mask_token, enc, visible_idx, masked_idx,
+                               fused=self.cfg.fused_kernels)
             target = token_ops.gather_tokens(patchify(video, self.patch, self.tubelet), masked_idx)
             rng = SampleRNG(sample_seeds.tolist(), video.device)
             out.update(self.recon_loss(z, target, rng))

@@ -32,7 +32,7 @@ from ivfast.models.heads import MLPHead, cosine_align_loss
 from ivfast.models.jepa_mask import multiblock_masks
 from ivfast.models.masking import MaskInfo
 from ivfast.models.pos_embed import PositionTable, interpolate_time
-from ivfast.models.predictor import Predictor
+from ivfast.models.predictor import Predictor, predict_masked
 from ivfast.models.sample_rng import SampleRNG
 
 log = logging.getLogger("ivfast.stage2")
@@ -44,35 +44,13 @@ STUDENT_PREFIXES = ("encoder.", "predictor.", "predictor_pos.")
 STUDENT_KEYS = ("mask_token",)
 
 
-def predict_masked(
-    predictor: nn.Module,
-    pos_table: torch.Tensor,
-    mask_token: torch.Tensor,
-    enc: EncoderOutput,
-    visible_idx: torch.Tensor,
-    masked_idx: torch.Tensor,
-) -> torch.Tensor:
-    """The predictor over the full sequence; its output at the masked positions (B, N_mask, width).
-
-    The sequence is ``[CLS tokens + pos_cls | encoder tokens at visible_idx, mask_token
-    elsewhere, + pos]``, the same construction as Stage 1's ``Stage1Model.predict_masked``.
-    ``pos_table``: (num_cls + N, D), CLS rows first.
-    """
-    ncls = enc.num_cls
-    seq = token_ops.scatter_with_mask_token(enc.tokens[:, ncls:], visible_idx, mask_token, pos_table[ncls:])
-    if ncls:
-        seq = torch.cat([enc.tokens[:, :ncls] + pos_table[:ncls].to(seq.dtype), seq], dim=1)
-    z = predictor(seq)[:, ncls:]
-    return token_ops.gather_tokens(z, masked_idx)
-
-
 def _encoder(cfg: ModelConfig, num_frames: int, img_size: int, drop_path: float) -> VideoEncoder:
     e = cfg.encoder
     return VideoEncoder(
         img_size=img_size, patch_size=e.patch_size, num_frames=num_frames, tubelet_size=e.tubelet_size,
         width=e.width, depth=e.depth, heads=e.heads, mlp_ratio=e.mlp_ratio, block=e.block,
         num_cls_tokens=e.num_cls_tokens, layer_scale_init=e.layer_scale_init, drop_path=drop_path,
-        pos_learnable=e.pos_learnable,
+        pos_learnable=e.pos_learnable, fused=cfg.fused_kernels,
     )
 
 
@@ -159,7 +137,8 @@ class Stage2Model(nn.Module):
 
     def view_loss(self, video, targets, visible_idx, masked_idx) -> torch.Tensor:
         enc = self.encoder(video, visible_idx)
-        z = predict_masked(self.predictor, self.predictor_pos(), self.mask_token, enc, visible_idx, masked_idx)
+        z = predict_masked(self.predictor, self.predictor_pos(), self.mask_token, enc, visible_idx, masked_idx,
+                           fused=self.cfg.fused_kernels)
         pred = self.head(z)  # per token: the head at the masked positions only
         return cosine_align_loss(pred, token_ops.gather_tokens(targets, masked_idx))
 

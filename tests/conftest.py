@@ -1,0 +1,27 @@
+"""Test-session set-up.
+
+Triton decides at import time whether it interprets kernels. On a machine without a GPU
+the kernel tests run through the interpreter, so it is switched on here, before anything
+imports triton. Subprocess training runs get a clean environment unless a test asks for it.
+"""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def run_env(interpret: bool = False, **extra) -> dict:
+    """Environment for a training subprocess: the interpreter only when asked for."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env.update(extra)
+    return env
