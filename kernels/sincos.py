@@ -115,15 +115,17 @@ def _sincos3d_table_kernel(out_ptr, R, H, W, DIM: tl.constexpr, BLOCK_M: tl.cons
 
 
 @triton.jit
-def _timestep_kernel(t_ptr, out_ptr, M, scale, DIM: tl.constexpr, HALF: tl.constexpr,
+def _timestep_kernel(t_ptr, freq_ptr, out_ptr, M, DIM: tl.constexpr, HALF: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     rmask = rows < M
     t = tl.load(t_ptr + rows, mask=rmask, other=0).to(tl.float32)
     is_cos = cols < HALF
-    i = tl.where(is_cos, cols, cols - HALF).to(tl.float32)
-    freq = tl.exp(i * scale)
+    i = tl.where(is_cos, cols, cols - HALF)
+    # The frequencies come from torch (as the reference computes them): an in-kernel exp is
+    # an ulp off, which t (up to 1000) turns into a visible difference in the embedding.
+    freq = tl.load(freq_ptr + i, mask=(cols < 2 * HALF) & (i < HALF), other=0.0)
     ang = t[:, None] * freq[None, :]
     val = tl.where(is_cos[None, :], tl.cos(ang), tl.sin(ang))
     val = tl.where((cols < 2 * HALF)[None, :], val, 0.0)
@@ -177,9 +179,10 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     if m == 0:
         return out
     half = dim // 2
-    scale = -math.log(max_period) / half if half else 0.0
+    freqs = torch.exp(torch.arange(max(half, 1), dtype=torch.float32, device=flat.device)
+                      * (-math.log(max_period) / max(half, 1)))
     bm, bd = row_tile(m, dim)
     grid = (triton.cdiv(m, bm), triton.cdiv(dim, bd))
-    _timestep_kernel[grid](flat, out, m, scale, DIM=dim, HALF=half, BLOCK_M=bm, BLOCK_D=bd,
+    _timestep_kernel[grid](flat, freqs, out, m, DIM=dim, HALF=half, BLOCK_M=bm, BLOCK_D=bd,
                            num_warps=num_warps_for(bm * bd))
     return out
