@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.ivfast-installed
 CONFIG ?= configs/tiny.yaml
 ARGS   ?=
 
-.PHONY: install train test clean
+.PHONY: install train test bench clean
 
 $(STAMP): setup.py requirements.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,11 @@ train: $(STAMP)
 test: $(STAMP)
 	@PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is broken"; exit 1; fi; exit $$rc
+
+# Microbenchmarks (pytest-benchmark). On a GPU they write benchmarks/results/; on the CPU they
+# run at small shapes to keep the harness honest.
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks -o python_files='bench_*.py' --benchmark-enable $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -128,6 +128,9 @@ class VideoEncoder(nn.Module):
             Block(width, heads, mlp_ratio, style=block, drop_path=r, layer_scale_init=layer_scale_init) for r in rates
         )
         self.init_weights()
+        for module in self.modules():  # RMSNorm of the release block (norms, QK-norm, patch norms)
+            if isinstance(module, RMSNorm):
+                module.fused = self.fused
 
     @torch.no_grad()
     def init_weights(self) -> None:

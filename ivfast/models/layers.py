@@ -37,7 +37,13 @@ class RMSNorm(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
+    fused = False  # set by VideoEncoder(fused=True): the kernel of kernels.rmsnorm
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from kernels.rmsnorm import rmsnorm
+
+            return rmsnorm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.float()).to(x.dtype)
