@@ -30,8 +30,6 @@ autograd graph holds after the forward (the eps tensor the fused path never stor
 """
 from __future__ import annotations
 
-import statistics
-import time
 
 import pytest
 import torch
@@ -84,21 +82,10 @@ def _fused_factory(dev):
     return fused
 
 
-def _sync():
-    if harness.on_gpu():
-        torch.cuda.synchronize()
+_sync = harness.sync
 
 
-def _time_ms(fn) -> float:
-    if harness.on_gpu():
-        return harness.gpu_time_ms(fn)
-    fn()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+_time_ms = harness.time_ms
 
 
 @pytest.fixture(scope="module", autouse=True)

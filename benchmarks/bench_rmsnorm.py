@@ -37,8 +37,6 @@ On a GPU each row also records the achieved GB/s and its share of
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import pytest
 import torch
@@ -64,21 +62,10 @@ def _sid(s):
     return f"{s[0]}x{s[1]}-{str(s[2])[6:]}"
 
 
-def _sync():
-    if harness.on_gpu():
-        torch.cuda.synchronize()
+_sync = harness.sync
 
 
-def _time_ms(fn) -> float:
-    if harness.on_gpu():
-        return harness.gpu_time_ms(fn)
-    fn()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+_time_ms = harness.time_ms
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -29,8 +29,6 @@ Results: benchmarks/results/sincos-<gpu|cpu>-<date>.{json,md}.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import pytest
 import torch
@@ -51,21 +49,10 @@ _ROWS: list[dict] = []
 _COMPILED: dict = {}
 
 
-def _sync():
-    if harness.on_gpu():
-        torch.cuda.synchronize()
+_sync = harness.sync
 
 
-def _time_ms(fn) -> float:
-    if harness.on_gpu():
-        return harness.gpu_time_ms(fn)
-    fn()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+_time_ms = harness.time_ms
 
 
 @pytest.fixture(scope="module", autouse=True)

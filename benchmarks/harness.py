@@ -10,7 +10,9 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
+import time
 
 import torch
 
@@ -58,6 +60,24 @@ def gpu_time_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def sync() -> None:
+    if on_gpu():
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, reps: int = 5) -> float:
+    """Milliseconds per call: do_bench median on a GPU, else the median of ``reps`` perf_counter runs."""
+    if on_gpu():
+        return gpu_time_ms(fn)
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:

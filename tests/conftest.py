@@ -17,6 +17,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _triton_interprets() -> bool:
+    """Triton picks interpreter or compiler when a @triton.jit function is defined, its own
+    library (tl.zeros, ...) included: it must have been imported after TRITON_INTERPRET=1."""
+    import triton.language.standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(triton.language.standard.zeros, InterpretedFunction)
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("TRITON_INTERPRET") == "1" and not _triton_interprets():
+        raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set; kernel tests cannot run")
+
+
 def run_env(interpret: bool = False, **extra) -> dict:
     """Environment for a training subprocess: the interpreter only when asked for."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
