@@ -303,13 +303,22 @@ def _parse_value(raw: str, key: str) -> Any:
         raise ConfigError(f"config error: {key}: cannot parse value {raw!r}") from None
 
 
-def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file (with its ``base`` chain), then the overrides; validated."""
-    cfg = Config()
+def load_dataclass(cls, path: str | None = None, overrides: list[str] = ()):
+    """Any config dataclass ``cls``: defaults, then the YAML file (``base`` chain), then the overrides.
+
+    Unknown keys and wrong types are one-line :class:`ConfigError` s; value checks are the caller's.
+    """
+    cfg = cls()
     if path:
         _merge_into(cfg, _read_yaml(path))
     for text in overrides:
         _apply_override(cfg, text)
+    return cfg
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file (with its ``base`` chain), then the overrides; validated."""
+    cfg = load_dataclass(Config, path, overrides)
     validate(cfg)
     return cfg
 
@@ -318,7 +327,7 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str) -> None:
+def save_config(cfg, path: str) -> None:
     """Write the resolved config as YAML, atomically."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
