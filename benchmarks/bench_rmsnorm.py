@@ -62,10 +62,8 @@ def _sid(s):
     return f"{s[0]}x{s[1]}-{str(s[2])[6:]}"
 
 
-_sync = harness.sync
 
 
-_time_ms = harness.time_ms
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -143,26 +141,7 @@ def test_rmsnorm(benchmark, shape, op, impl, mode):
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(o.shape, generator=gen).to(dev, o.dtype) for o in outs]
 
-    def forward():
-        with torch.no_grad():
-            fwd()
-        _sync()
-
-    def backward():
-        torch.autograd.grad(outs, inputs, grads, retain_graph=True)
-        _sync()
-
-    def full():
-        torch.autograd.grad(fwd(), inputs, grads)
-        _sync()
-
-    fn = {"forward": forward, "backward": backward, "full": full}[mode]
-    try:
-        fn()
-    except RuntimeError as e:  # a compiled graph that cannot be kept for retain_graph, etc.
-        pytest.skip(f"{impl}/{mode} not measurable here: {e}")
-    benchmark(fn)
-    ms = _time_ms(fn)
+    ms = harness.measure_mode(benchmark, mode, fwd, outs, inputs, grads)
     nbytes = _essential_bytes(op, mode, rows, d, dtype)
     _ROWS.append({
         "op": op, "impl": impl, "mode": mode, "rows": rows, "D": d, "dtype": str(dtype)[6:],

@@ -72,10 +72,8 @@ def _sid(s):
     return f"B{b}-{'x'.join(map(str, grid))}-vis{vis}-D{d}-{str(dtype)[6:]}"
 
 
-_sync = harness.sync
 
 
-_time_ms = harness.time_ms
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -189,26 +187,7 @@ def test_token_gather(benchmark, shape, op, kind, impl, mode):
         pytest.skip(f"torch.compile unavailable here: {type(e).__name__}: {e}")
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dev, out.dtype)
 
-    def forward():
-        with torch.no_grad():
-            fwd()
-        _sync()
-
-    def backward():
-        torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
-        _sync()
-
-    def full():
-        torch.autograd.grad(fwd(), inputs, grad_out)
-        _sync()
-
-    fn = {"forward": forward, "backward": backward, "full": full}[mode]
-    try:
-        fn()
-    except RuntimeError as e:  # a compiled graph that cannot be kept for retain_graph, etc.
-        pytest.skip(f"{impl}/{mode} not measurable here: {e}")
-    benchmark(fn)
-    ms = _time_ms(fn)
+    ms = harness.measure_mode(benchmark, mode, fwd, out, inputs, grad_out)
     nbytes = _essential_bytes(op, kind, mode, shape, idx)
     _ROWS.append({
         "op": op, "pos": kind, "impl": impl, "mode": mode, "B": b, "grid": "x".join(map(str, grid)),

@@ -80,6 +80,37 @@ def time_ms(fn, reps: int = 5) -> float:
     return statistics.median(times)
 
 
+def measure_mode(benchmark, mode: str, fwd, outputs, inputs, grads) -> float:
+    """Time one of forward / backward / full of ``fwd`` with pytest-benchmark; returns ms per call.
+
+    ``outputs`` is one forward's result (kept for ``backward``), ``inputs`` the tensors that
+    receive gradients, ``grads`` the output gradients. A mode that cannot run here (a compiled
+    graph that cannot be kept for retain_graph, ...) is skipped with the reason.
+    """
+    import pytest
+
+    def forward():
+        with torch.no_grad():
+            fwd()
+        sync()
+
+    def backward():
+        torch.autograd.grad(outputs, inputs, grads, retain_graph=True)
+        sync()
+
+    def full():
+        torch.autograd.grad(fwd(), inputs, grads)
+        sync()
+
+    fn = {"forward": forward, "backward": backward, "full": full}[mode]
+    try:
+        fn()
+    except RuntimeError as e:
+        pytest.skip(f"{mode} not measurable here: {e}")
+    benchmark(fn)
+    return time_ms(fn)
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth (read + write bytes per second), GB/s."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
