@@ -65,7 +65,8 @@ class Stage2Task:
         pass  # the teacher is part of the model (it is checkpointed: an EMA teacher changes)
 
     def frozen_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
+        # ZeRO-3 partitions the teacher too: a partitioned parameter reports its size as ds_numel.
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if not p.requires_grad)
 
     def forward(self, engine, video: torch.Tensor, rng: SampleRNG) -> dict:
         from ivfast.models.stage2 import make_stage2_masks
