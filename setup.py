@@ -14,5 +14,6 @@ setup(
         # GPU machines: FlashAttention and NVIDIA DALI (CUDA 13 build). Neither installs on a CPU machine.
         "gpu": ["flash-attn>=2.7", "nvidia-dali-cuda130>=1.50"],
     },
-    entry_points={"console_scripts": ["ivfast-train=ivfast.train:main", "ivfast-export=ivfast.export:main"]},
+    entry_points={"console_scripts": ["ivfast-train=ivfast.train:main", "ivfast-export=ivfast.export:main",
+                                        "ivfast-probe=ivfast.probes.cli:main"]},
 )

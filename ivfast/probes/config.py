@@ -1,0 +1,202 @@
+"""Probe configuration: a common part plus one section per probe.
+
+Loaded with :func:`ivfast.config.load_dataclass` (YAML, ``base:`` chains, dotted
+``key=value`` overrides); :func:`validate_probe` checks values. Every error is a one-line
+:class:`ivfast.config.ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Literal
+
+from ivfast.config import ConfigError, load_dataclass
+
+__all__ = ["BackboneConfig", "ClassifyConfig", "DepthConfig", "TrackConfig", "ProbeConfig", "load_probe_config",
+           "validate_probe", "ConfigError"]
+
+
+@dataclass
+class BackboneConfig:
+    """The frozen encoder. ``source``: ``export`` (an ``ivfast-export`` directory), ``checkpoint``
+    (a training checkpoint + its run ``config.yaml``), or ``random`` (a randomly initialised
+    encoder of the ``random_*`` size, seeded by ``random_seed``: for smoke tests and a chance-level
+    baseline)."""
+
+    source: Literal["export", "checkpoint", "random"] = "export"
+    export_dir: str = ""
+    checkpoint: str = ""
+    run_config: str = ""  # default: the config.yaml of the checkpoint's run directory
+    layer: int = -1  # block whose output is probed (-1: the last)
+    random_width: int = 64
+    random_depth: int = 2
+    random_heads: int = 4
+    random_patch: int = 8
+    random_img_size: int = 32
+    random_frames: int = 4
+    random_seed: int = 0
+
+
+@dataclass
+class ClassifyConfig:
+    data: Literal["synthetic", "list"] = "synthetic"
+    train_list: str = ""
+    val_list: str = ""
+    root: str = ""
+    num_classes: int = 8
+    num_frames: int = 16
+    img_size: int = 224
+    synthetic_train: int = 64
+    synthetic_val: int = 32
+    heads: int = 8  # attentive-pooling heads
+    label_smoothing: float = 0.1
+    cutmix_prob: float = 0.0  # Table 5 fine-tuning: 1.0
+    cutmix_alpha: float = 1.0
+    flip: bool = True  # Table 5: off for SSv2
+    randaug: bool = False  # RandAug(9, 0.5): NOT implemented; true is a config error
+    layer_decay: float = 1.0  # fine-tuning only (see classify.layer_decay_groups); frozen probe: must be 1.0
+
+
+@dataclass
+class DepthConfig:
+    data: Literal["synthetic", "dir"] = "synthetic"
+    train_dirs: List[str] = field(default_factory=list)
+    val_dirs: List[str] = field(default_factory=list)
+    window: int = 16  # KITTI 32, ScanNet 16
+    stride: int = 5  # KITTI 10, ScanNet 5
+    min_depth: float = 0.001  # KITTI 0.1, ScanNet 0.001
+    max_depth: float = 10.0  # KITTI 80, ScanNet 10
+    img_size: int = 224
+    width: int = 1536
+    heads: int = 16
+    synthetic_videos: int = 4
+    synthetic_frames: int = 24
+
+
+@dataclass
+class TrackConfig:
+    data: Literal["synthetic", "json"] = "synthetic"
+    train_annotations: str = ""
+    val_annotations: str = ""
+    src_height: int = 1280
+    src_width: int = 1920
+    resize_height: int = 224
+    resize_width: int = 336
+    crop: int = 224
+    src_fps: int = 10
+    fps: int = 5
+    min_area: float = 0.005
+    window: int = 16
+    stride: int = 1
+    min_start_gap: int = 3
+    min_objects: int = 1
+    max_objects: int = 25
+    min_presence: float = 0.7
+    min_cooccur: int = 10
+    max_gap: int = 5
+    width: int = 256
+    heads: int = 8
+    l1_weight: float = 1.0
+    giou_weight: float = 0.5
+    synthetic_videos: int = 6
+    synthetic_frames: int = 60
+
+
+@dataclass
+class ProbeConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    output_dir: str = "runs/probe"
+    max_steps: int = 0  # > 0 overrides epochs
+    epochs: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    batch_size: int = 8
+    eval_batch_size: int = 8
+    seed: int = 0
+    feature_cache: str = ""  # directory; empty: no caching
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 1
+    save_every: int = 100
+    resume: Literal["auto", "never"] = "auto"
+    progress: bool = True
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    depth: DepthConfig = field(default_factory=DepthConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+
+
+def _check(cond: bool, key: str, value, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"config error: {key} = {value!r}: {why}")
+
+
+def validate_probe(cfg: ProbeConfig, task: str) -> None:
+    """Value checks of the common part and of the ``task`` section (classify | depth | track)."""
+    b = cfg.backbone
+    if b.source == "export":
+        _check(bool(b.export_dir), "backbone.export_dir", b.export_dir, "required when backbone.source = 'export'")
+    if b.source == "checkpoint":
+        _check(bool(b.checkpoint), "backbone.checkpoint", b.checkpoint, "required when backbone.source = 'checkpoint'")
+    _check(bool(cfg.output_dir), "output_dir", cfg.output_dir, "must not be empty")
+    _check(cfg.max_steps >= 0, "max_steps", cfg.max_steps, "must be >= 0")
+    _check(cfg.epochs >= 1 or cfg.max_steps > 0, "epochs", cfg.epochs, "must be >= 1 (or set max_steps)")
+    _check(cfg.lr > 0, "lr", cfg.lr, "must be > 0")
+    _check(0 <= cfg.min_lr <= cfg.lr, "min_lr", cfg.min_lr, "must be in [0, lr]")
+    _check(cfg.warmup_steps >= 0, "warmup_steps", cfg.warmup_steps, "must be >= 0")
+    _check(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
+    _check(len(cfg.betas) == 2 and all(0 <= x < 1 for x in cfg.betas), "betas", cfg.betas, "must be two values in [0, 1)")
+    _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1")
+    _check(cfg.eval_batch_size >= 1, "eval_batch_size", cfg.eval_batch_size, "must be >= 1")
+    _check(cfg.log_every >= 1, "log_every", cfg.log_every, "must be >= 1")
+    _check(cfg.save_every >= 1, "save_every", cfg.save_every, "must be >= 1")
+    if task == "classify":
+        c = cfg.classify
+        if c.data == "list":
+            _check(bool(c.train_list), "classify.train_list", c.train_list, "required when classify.data = 'list'")
+            _check(bool(c.val_list), "classify.val_list", c.val_list, "required when classify.data = 'list'")
+        _check(c.num_classes >= 2, "classify.num_classes", c.num_classes, "must be >= 2")
+        _check(c.num_frames >= 1, "classify.num_frames", c.num_frames, "must be >= 1")
+        _check(c.img_size >= 8, "classify.img_size", c.img_size, "must be >= 8")
+        _check(c.heads >= 1, "classify.heads", c.heads, "must be >= 1")
+        _check(0 <= c.label_smoothing < 1, "classify.label_smoothing", c.label_smoothing, "must be in [0, 1)")
+        _check(0 <= c.cutmix_prob <= 1, "classify.cutmix_prob", c.cutmix_prob, "must be in [0, 1]")
+        _check(c.cutmix_alpha > 0, "classify.cutmix_alpha", c.cutmix_alpha, "must be > 0")
+        _check(not c.randaug, "classify.randaug", c.randaug, "RandAug(9, 0.5) is not implemented in the probe")
+        _check(c.layer_decay == 1.0, "classify.layer_decay", c.layer_decay,
+               "layer-wise lr decay applies to fine-tuning only; the frozen probe has no backbone layers (use 1.0)")
+    elif task == "depth":
+        d = cfg.depth
+        if d.data == "dir":
+            _check(bool(d.train_dirs), "depth.train_dirs", d.train_dirs, "required when depth.data = 'dir'")
+            _check(bool(d.val_dirs), "depth.val_dirs", d.val_dirs, "required when depth.data = 'dir'")
+        _check(d.window >= 1, "depth.window", d.window, "must be >= 1")
+        _check(1 <= d.stride <= d.window, "depth.stride", d.stride, "must be in [1, depth.window]")
+        _check(d.min_depth > 0, "depth.min_depth", d.min_depth, "must be > 0")
+        _check(d.max_depth > d.min_depth, "depth.max_depth", d.max_depth, "must be > depth.min_depth")
+        _check(d.width >= 1 and d.width % d.heads == 0, "depth.width", d.width, f"must be a multiple of depth.heads ({d.heads})")
+        _check(d.img_size >= 8, "depth.img_size", d.img_size, "must be >= 8")
+    elif task == "track":
+        t = cfg.track
+        if t.data == "json":
+            _check(bool(t.train_annotations), "track.train_annotations", t.train_annotations, "required when track.data = 'json'")
+            _check(bool(t.val_annotations), "track.val_annotations", t.val_annotations, "required when track.data = 'json'")
+        _check(t.crop <= min(t.resize_height, t.resize_width), "track.crop", t.crop, "must fit in the resized frame")
+        _check(t.src_fps >= t.fps >= 1 and t.src_fps % t.fps == 0, "track.fps", t.fps, "must divide track.src_fps")
+        _check(0 <= t.min_area < 1, "track.min_area", t.min_area, "must be in [0, 1)")
+        _check(t.window >= 2, "track.window", t.window, "must be >= 2")
+        _check(t.stride >= 1, "track.stride", t.stride, "must be >= 1")
+        _check(t.min_start_gap >= 1, "track.min_start_gap", t.min_start_gap, "must be >= 1")
+        _check(1 <= t.min_objects <= t.max_objects, "track.min_objects", t.min_objects, "must be in [1, track.max_objects]")
+        _check(0 < t.min_presence <= 1, "track.min_presence", t.min_presence, "must be in (0, 1]")
+        _check(0 <= t.min_cooccur <= t.window, "track.min_cooccur", t.min_cooccur, "must be in [0, track.window]")
+        _check(t.max_gap >= 0, "track.max_gap", t.max_gap, "must be >= 0")
+        _check(t.width >= 1 and t.width % t.heads == 0, "track.width", t.width, f"must be a multiple of track.heads ({t.heads})")
+    else:
+        raise ConfigError(f"config error: unknown probe '{task}' (choose classify, depth or track)")
+
+
+def load_probe_config(task: str, path: str | None = None, overrides: list[str] = ()) -> ProbeConfig:
+    cfg = load_dataclass(ProbeConfig, path, list(overrides))
+    validate_probe(cfg, task)
+    return cfg

@@ -1,0 +1,179 @@
+"""The head-training loop shared by the probes.
+
+AdamW over the head's parameters (no weight decay on biases and 1-d parameters), linear
+warm-up then cosine decay to ``min_lr``, a tqdm progress bar, ``OUT/metrics.jsonl`` (one JSON
+object per logged step; the final evaluation as ``{"eval": {...}}``), ``OUT/results.json``,
+and a resumable checkpoint in ``OUT/checkpoints``: ``head_<step>.safetensors`` +
+``optim_<step>.safetensors`` written atomically first, then ``state.json`` (which names the
+step) replaced atomically and fsynced; older step files are removed after. A crash
+between the writes leaves the previous ``state.json`` pointing at complete files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from ivfast.probes.config import ProbeConfig
+from ivfast.training.checkpoint import _fsync_write
+from ivfast.training.metrics import MetricsWriter, Progress
+
+
+def cosine_lr(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float:
+    """lr at ``step`` (0-based): linear warm-up over ``warmup`` steps, then cosine to ``min_lr`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    span = max(1, total - warmup)
+    p = min(1.0, (step - warmup) / span)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * p))
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith("bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _ckpt_dir(out_dir: str) -> str:
+    return os.path.join(out_dir, "checkpoints")
+
+
+def save_checkpoint(out_dir: str, head: nn.Module, opt: torch.optim.Optimizer, step: int, extra: dict) -> None:
+    from ivfast.checkpoint_io import save_safetensors
+
+    d = _ckpt_dir(out_dir)
+    os.makedirs(d, exist_ok=True)
+    save_safetensors(head.state_dict(), os.path.join(d, f"head_{step:08d}.safetensors"))
+    osd = opt.state_dict()
+    tensors, meta = {}, {}
+    for pid, st in osd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.ndim > 0:
+                tensors[f"{pid}.{k}"] = v
+            else:
+                meta[f"{pid}.{k}"] = float(v)
+    save_safetensors(tensors, os.path.join(d, f"optim_{step:08d}.safetensors"))
+    state = {"step": step, "optim_scalars": meta, "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                                                    for g in osd["param_groups"]], **extra}
+    _fsync_write(os.path.join(d, "state.json"), json.dumps(state, indent=1))
+    for name in os.listdir(d):
+        if name.endswith(".safetensors") and not name.endswith(f"_{step:08d}.safetensors"):
+            os.remove(os.path.join(d, name))
+
+
+def load_checkpoint(out_dir: str, head: nn.Module, opt: torch.optim.Optimizer) -> dict | None:
+    """Restore head and optimiser from ``OUT/checkpoints``; the saved state dict, or None when there is none."""
+    from safetensors.torch import load_file
+
+    d = _ckpt_dir(out_dir)
+    sp = os.path.join(d, "state.json")
+    if not os.path.isfile(sp):
+        return None
+    with open(sp) as f:
+        state = json.load(f)
+    step = int(state["step"])
+    head.load_state_dict(load_file(os.path.join(d, f"head_{step:08d}.safetensors")))
+    tensors = load_file(os.path.join(d, f"optim_{step:08d}.safetensors"))
+    per: dict[int, dict] = {}
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        per.setdefault(int(pid), {})[k] = v
+    for key, v in state["optim_scalars"].items():
+        pid, k = key.split(".", 1)
+        per.setdefault(int(pid), {})[k] = torch.tensor(v)
+    osd = opt.state_dict()
+    osd["state"] = per
+    for g, saved in zip(osd["param_groups"], state["param_groups"]):
+        g.update({k: v for k, v in saved.items() if k in g})
+    opt.load_state_dict(osd)
+    return state
+
+
+def run_training(
+    cfg: ProbeConfig,
+    head: nn.Module,
+    epoch_batches: Callable[[int], Iterable],
+    steps_per_epoch: int,
+    loss_fn: Callable[[object], tuple[torch.Tensor, dict]],
+    evaluate: Callable[[], dict] | None = None,
+) -> dict:
+    """Train ``head`` and evaluate it; returns ``{"step", "losses", "eval"}``.
+
+    ``epoch_batches(epoch)`` yields the batches of one epoch in a deterministic order (a
+    function of the seed and epoch), so a resumed run skips the batches already seen.
+    ``loss_fn(batch) -> (loss, logs)``.
+    """
+    if steps_per_epoch <= 0:
+        raise ValueError("the training set yields no batches")
+    out = cfg.output_dir
+    os.makedirs(out, exist_ok=True)
+    total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    opt = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    step = 0
+    if cfg.resume == "auto":
+        state = load_checkpoint(out, head, opt)
+        if state is not None:
+            step = int(state["step"])
+    writer = MetricsWriter(os.path.join(out, "metrics.jsonl"), enabled=True)
+    bar = Progress(total, step, enabled=cfg.progress)
+    losses = []
+    head.train()
+    try:
+        epoch, skip = divmod(step, steps_per_epoch)
+        while step < total:
+            for i, batch in enumerate(epoch_batches(epoch)):
+                if i < skip:
+                    continue
+                if step >= total:
+                    break
+                lr = cosine_lr(step, total, cfg.lr, cfg.min_lr, cfg.warmup_steps)
+                for g in opt.param_groups:
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
+                loss, logs = loss_fn(batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"probe loss is {loss.item()} at step {step}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                lv = loss.detach().item()
+                losses.append(lv)
+                if step % cfg.log_every == 0 or step == total:
+                    writer.write({"step": step, "epoch": epoch, "loss": lv, "lr": lr, **logs})
+                bar.update(1, {"loss": lv})
+                if step % cfg.save_every == 0 or step == total:
+                    save_checkpoint(out, head, opt, step, {"total_steps": total})
+            skip = 0
+            epoch += 1
+        bar.close()
+        head.eval()
+        results = evaluate() if evaluate is not None else {}
+        writer.write({"step": step, "eval": results})
+    finally:
+        bar.close()
+        writer.close()
+    _fsync_write(os.path.join(out, "results.json"), json.dumps({"step": step, **results}, indent=1))
+    return {"step": step, "losses": losses, "eval": results}
+
+
+def epoch_order(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
+    """Index batches of one epoch: a permutation drawn from (seed, epoch); the last short batch kept."""
+    if shuffle:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+    else:
+        order = list(range(n))
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
