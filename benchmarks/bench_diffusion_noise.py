@@ -39,7 +39,6 @@ from ivfast.models.diffusion import GaussianDiffusion
 import os
 
 from kernels import diffusion_noise as DN
-from kernels import dispatch
 from kernels.diffusion_noise import eps_mse_fused, q_sample_fused, row_seeds
 
 C = 588
@@ -91,20 +90,11 @@ _time_ms = harness.time_ms
 @pytest.fixture(scope="module", autouse=True)
 def _write_results():
     yield
-    if not _ROWS:
-        return
-    config = {
-        "rows_per_sample": ROWS_PER_SAMPLE, "channels": C, "eps_hat": "left half of (M, 2C)",
-        "timing": "triton do_bench median" if harness.on_gpu() else "perf_counter median of 5",
-        "kernel_path": "triton" if dispatch.use_triton(torch.empty(0, device=harness.bench_device()))
-        else "reference",
-    }
-    if harness.on_gpu():
-        config["copy_bandwidth_gbs"] = round(harness.copy_bandwidth_gbs(), 1)
-        for r in _ROWS:
-            if r.get("gbs") is not None:
-                r["pct_copy_bw"] = round(100 * r["gbs"] / config["copy_bandwidth_gbs"], 1)
-    print("results:", harness.write_results("diffusion_noise", config, _ROWS))
+    harness.write_kernel_results("diffusion_noise", {
+        "rows_per_sample": ROWS_PER_SAMPLE,
+        "channels": C,
+        "eps_hat": "left half of (M, 2C)",
+    }, _ROWS)
 
 
 def _inputs(M, C, dtype, dev):

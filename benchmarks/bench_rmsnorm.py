@@ -36,13 +36,11 @@ On a GPU each row also records the achieved GB/s and its share of
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from benchmarks import harness
-from kernels import dispatch
 from kernels import rmsnorm as kr
 
 if harness.on_gpu():
@@ -62,27 +60,16 @@ def _sid(s):
     return f"{s[0]}x{s[1]}-{str(s[2])[6:]}"
 
 
-
-
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _write_results():
     yield
-    if not _ROWS:
-        return
-    dev = harness.bench_device()
-    config = {
-        "ops": list(OPS), "modes": list(MODES), "eps": EPS, "weight_dtype": "float32",
-        "timing": "triton do_bench median" if harness.on_gpu() else "perf_counter median of 5",
-        "triton_path": dispatch.use_triton(torch.empty(0, device=dev)),
+    harness.write_kernel_results("rmsnorm", {
+        "ops": list(OPS),
+        "modes": list(MODES),
+        "eps": EPS,
+        "weight_dtype": "float32",
         "essential_bytes": "see benchmarks/bench_rmsnorm.py docstring",
-    }
-    if harness.on_gpu():
-        config["copy_bandwidth_gbs"] = round(harness.copy_bandwidth_gbs(), 1)
-        for r in _ROWS:
-            r["pct_copy_bw"] = round(100 * r["gbs"] / config["copy_bandwidth_gbs"], 1)
-    print("\nresults:", harness.write_results("rmsnorm", config, _ROWS))
+    }, _ROWS)
 
 
 def _essential_bytes(op, mode, rows, d, dtype):
@@ -107,12 +94,7 @@ def _compiled(op):
 @pytest.mark.parametrize("shape", SHAPES, ids=_sid)
 def test_rmsnorm(benchmark, shape, op, impl, mode):
     dev = harness.bench_device()
-    if impl == "triton" and not dispatch.use_triton(torch.empty(0, device=dev)):
-        pytest.skip("triton path: GPU, or CPU with TRITON_INTERPRET=1 set before the run")
-    if impl == "compile" and not harness.on_gpu() and os.environ.get("IVFAST_BENCH_COMPILE") != "1":
-        print("torch.compile baseline skipped on CPU (compile time dominates at these sizes; "
-              "IVFAST_BENCH_COMPILE=1 to include it)")
-        pytest.skip("torch.compile baseline skipped on CPU (IVFAST_BENCH_COMPILE=1 to include it)")
+    harness.skip_unavailable(impl)
     rows, d, dtype = shape
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, d, generator=g).to(dev, dtype).requires_grad_()

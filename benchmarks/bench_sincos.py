@@ -28,13 +28,11 @@ Results: benchmarks/results/sincos-<gpu|cpu>-<date>.{json,md}.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from benchmarks import harness
-from kernels import dispatch
 from kernels import sincos as ks
 
 if harness.on_gpu():
@@ -58,29 +56,10 @@ _time_ms = harness.time_ms
 @pytest.fixture(scope="module", autouse=True)
 def _write_results():
     yield
-    if not _ROWS:
-        return
-    dev = harness.bench_device()
-    config = {
+    harness.write_kernel_results("sincos", {
         "mode": "forward (no backward exists)",
-        "timing": "triton do_bench median" if harness.on_gpu() else "perf_counter median of 5",
-        "triton_path": dispatch.use_triton(torch.empty(0, device=dev)),
         "essential_bytes": "output written (+ timesteps read)",
-    }
-    if harness.on_gpu():
-        config["copy_bandwidth_gbs"] = round(harness.copy_bandwidth_gbs(), 1)
-        for r in _ROWS:
-            r["pct_copy_bw"] = round(100 * r["gbs"] / config["copy_bandwidth_gbs"], 1)
-    print("\nresults:", harness.write_results("sincos", config, _ROWS))
-
-
-def _skip_unavailable(impl, dev):
-    if impl == "triton" and not dispatch.use_triton(torch.empty(0, device=dev)):
-        pytest.skip("triton path: GPU, or CPU with TRITON_INTERPRET=1 set before the run")
-    if impl == "compile" and not harness.on_gpu() and os.environ.get("IVFAST_BENCH_COMPILE") != "1":
-        print("torch.compile baseline skipped on CPU (compile time dominates at these sizes; "
-              "IVFAST_BENCH_COMPILE=1 to include it)")
-        pytest.skip("torch.compile baseline skipped on CPU (IVFAST_BENCH_COMPILE=1 to include it)")
+    }, _ROWS)
 
 
 def _run(benchmark, impl, call, row):
@@ -104,7 +83,7 @@ def _run(benchmark, impl, call, row):
 @pytest.mark.parametrize("dim,grid", TABLES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"D{v}")
 def test_sincos_3d(benchmark, dim, grid, impl):
     dev = harness.bench_device()
-    _skip_unavailable(impl, dev)
+    harness.skip_unavailable(impl)
     if impl == "triton":
         call = lambda: ks.sincos_3d(dim, *grid, device=dev)  # noqa: E731
     else:
@@ -122,7 +101,7 @@ def test_sincos_3d(benchmark, dim, grid, impl):
 @pytest.mark.parametrize("m,dim", TIMESTEPS, ids=lambda v: str(v))
 def test_timestep_embedding(benchmark, m, dim, impl):
     dev = harness.bench_device()
-    _skip_unavailable(impl, dev)
+    harness.skip_unavailable(impl)
     t = torch.randint(0, 1000, (m,), generator=torch.Generator().manual_seed(0)).to(dev)
     if impl == "triton":
         call = lambda: ks.timestep_embedding(t, dim)  # noqa: E731

@@ -44,14 +44,12 @@ Results: benchmarks/results/token_gather-<gpu|cpu>-<date>.{json,md}.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from benchmarks import harness
 from ivfast.models import pos_embed, token_ops
-from kernels import dispatch
 from kernels import token_gather as tg
 
 if harness.on_gpu():
@@ -72,27 +70,15 @@ def _sid(s):
     return f"B{b}-{'x'.join(map(str, grid))}-vis{vis}-D{d}-{str(dtype)[6:]}"
 
 
-
-
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _write_results():
     yield
-    if not _ROWS:
-        return
-    dev = harness.bench_device()
-    config = {
-        "ops": list(OPS), "pos": list(POS_KINDS), "modes": list(MODES),
-        "timing": "triton do_bench median" if harness.on_gpu() else "perf_counter median of 5",
-        "triton_path": dispatch.use_triton(torch.empty(0, device=dev)),
+    harness.write_kernel_results("token_gather", {
+        "ops": list(OPS),
+        "pos": list(POS_KINDS),
+        "modes": list(MODES),
         "essential_bytes": "see benchmarks/bench_token_gather.py docstring",
-    }
-    if harness.on_gpu():
-        config["copy_bandwidth_gbs"] = round(harness.copy_bandwidth_gbs(), 1)
-        for r in _ROWS:
-            r["pct_copy_bw"] = round(100 * r["gbs"] / config["copy_bandwidth_gbs"], 1)
-    print("\nresults:", harness.write_results("token_gather", config, _ROWS))
+    }, _ROWS)
 
 
 def _inputs(shape, dev):
@@ -151,12 +137,7 @@ def _compiled(name):
 @pytest.mark.parametrize("shape", SHAPES, ids=_sid)
 def test_token_gather(benchmark, shape, op, kind, impl, mode):
     dev = harness.bench_device()
-    if impl == "triton" and not dispatch.use_triton(torch.empty(0, device=dev)):
-        pytest.skip("triton path: GPU, or CPU with TRITON_INTERPRET=1 set before the run")
-    if impl == "compile" and not harness.on_gpu() and os.environ.get("IVFAST_BENCH_COMPILE") != "1":
-        print("torch.compile baseline skipped on CPU (compile time dominates at these sizes; "
-              "IVFAST_BENCH_COMPILE=1 to include it)")
-        pytest.skip("torch.compile baseline skipped on CPU (IVFAST_BENCH_COMPILE=1 to include it)")
+    harness.skip_unavailable(impl)
     b, grid, _, d, dtype = shape
     idx, x, enc, mask_token, table, fixed = _inputs(shape, dev)
 

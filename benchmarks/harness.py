@@ -80,6 +80,21 @@ def time_ms(fn, reps: int = 5) -> float:
     return statistics.median(times)
 
 
+def skip_unavailable(impl: str) -> None:
+    """Skip a benchmark row whose implementation cannot run here: Triton without a GPU or the
+    interpreter; torch.compile on the CPU unless IVFAST_BENCH_COMPILE=1 (compile time dominates)."""
+    import pytest
+
+    from kernels import dispatch
+
+    if impl == "triton" and not dispatch.use_triton(torch.empty(0, device=bench_device())):
+        pytest.skip("triton path: GPU, or CPU with TRITON_INTERPRET=1 set before the run")
+    if impl == "compile" and not on_gpu() and os.environ.get("IVFAST_BENCH_COMPILE") != "1":
+        print("torch.compile baseline skipped on CPU (compile time dominates at these sizes; "
+              "IVFAST_BENCH_COMPILE=1 to include it)")
+        pytest.skip("torch.compile baseline skipped on CPU (IVFAST_BENCH_COMPILE=1 to include it)")
+
+
 def measure_mode(benchmark, mode: str, fwd, outputs, inputs, grads) -> float:
     """Time one of forward / backward / full of ``fwd`` with pytest-benchmark; returns ms per call.
 
@@ -137,6 +152,25 @@ def write_results(name: str, config: dict, rows: list[dict]) -> str:
             for r in rows:
                 f.write("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |\n")
     return stem + ".json"
+
+
+def write_kernel_results(name: str, config: dict, rows: list[dict]) -> str | None:
+    """``write_results`` for a kernel benchmark: adds how it was timed, whether the Triton path
+    ran, and on a GPU the measured copy bandwidth with each row's share of it (rows with ``gbs``)."""
+    if not rows:
+        return None
+    from kernels import dispatch
+
+    config = {**config, "timing": "triton do_bench median" if on_gpu() else "perf_counter median of 5",
+              "triton_path": dispatch.use_triton(torch.empty(0, device=bench_device()))}
+    if on_gpu():
+        config["copy_bandwidth_gbs"] = round(copy_bandwidth_gbs(), 1)
+        for r in rows:
+            if r.get("gbs") is not None:
+                r["pct_copy_bw"] = round(100 * r["gbs"] / config["copy_bandwidth_gbs"], 1)
+    path = write_results(name, config, rows)
+    print("\nresults:", path)
+    return path
 
 
 def _fmt(v) -> str:
