@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import token_ops
 from .attention import attention
@@ -172,6 +171,12 @@ class Predictor(nn.Module):
             cos, sin = tables[layer.rope_theta]
             x = layer(x, cos, sin)
         return x
+
+
+def predictor_from_config(p, in_dim: int) -> Predictor:
+    """The predictor of a ``PredictorConfig`` over ``in_dim``-wide encoder tokens (Stages 1 and 2)."""
+    return Predictor(in_dim=in_dim, width=p.width, depth=p.depth, heads=p.heads, mlp_hidden=p.mlp_hidden,
+                     window=p.window, global_every=p.global_every, first_layer_id=p.first_layer_id)
 
 
 def predict_masked(predictor: nn.Module, pos_table: torch.Tensor, mask_token: torch.Tensor, enc,

@@ -25,7 +25,7 @@ from ivfast.models.diffloss import DiffusionLoss
 from ivfast.models.encoder import VideoEncoder
 from ivfast.models.heads import AttentionPool, MLPHead, cosine_align_loss
 from ivfast.models.pos_embed import PositionTable
-from ivfast.models.predictor import Predictor, predict_masked
+from ivfast.models.predictor import predict_masked, predictor_from_config
 from ivfast.models.sample_rng import SampleRNG
 from ivfast.models.weights import load_modernbert_predictor, load_siglip_teacher
 from ivfast.models.teacher import SigLIPTeacher, TeacherOutput, prepare_teacher_input, teacher_return_layers
@@ -82,10 +82,7 @@ class Stage1Model(nn.Module):
             self.mask_token = nn.Parameter(torch.zeros(e.width))
             nn.init.trunc_normal_(self.mask_token, std=0.02)
             self.predictor_pos = PositionTable(e.width, *grid, num_cls=e.num_cls_tokens, learnable=e.pos_learnable)
-            self.predictor = Predictor(
-                in_dim=e.width, width=p.width, depth=p.depth, heads=p.heads, mlp_hidden=p.mlp_hidden,
-                window=p.window, global_every=p.global_every, first_layer_id=p.first_layer_id,
-            )
+            self.predictor = predictor_from_config(p, e.width)
             if p.init_weights:  # ModernBERT text weights for the predictor's layers (local file)
                 report = load_modernbert_predictor(self.predictor, p.init_weights)
                 log.info("predictor initialised from %s: %s", p.init_weights, report.summary())

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 
 from ivfast.config import Config, ModelConfig
 from ivfast.models import token_ops
-from ivfast.models.encoder import EncoderOutput, VideoEncoder
+from ivfast.models.encoder import VideoEncoder
 from ivfast.models.heads import MLPHead, cosine_align_loss
 from ivfast.models.jepa_mask import multiblock_masks
 from ivfast.models.masking import MaskInfo
 from ivfast.models.pos_embed import PositionTable, interpolate_time
-from ivfast.models.predictor import Predictor, predict_masked
+from ivfast.models.predictor import predict_masked, predictor_from_config
 from ivfast.models.sample_rng import SampleRNG
 
 log = logging.getLogger("ivfast.stage2")
@@ -77,10 +77,7 @@ class Stage2Model(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(e.width))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.predictor_pos = PositionTable(e.width, *grid, num_cls=e.num_cls_tokens, learnable=e.pos_learnable)
-        self.predictor = Predictor(
-            in_dim=e.width, width=p.width, depth=p.depth, heads=p.heads, mlp_hidden=p.mlp_hidden,
-            window=p.window, global_every=p.global_every, first_layer_id=p.first_layer_id,
-        )
+        self.predictor = predictor_from_config(p, e.width)
         self.head = MLPHead(p.width, e.width, l2=True)
         self.teacher = _encoder(cfg, num_frames, img_size, 0.0)
         self.teacher.requires_grad_(False)
