@@ -175,8 +175,17 @@ def test_empty_window_list_is_error():
 def test_config_errors_are_one_line():
     with pytest.raises(ConfigError, match=r"^config error: depth.stride = 0: must be in \[1, depth.window\]$"):
         load_probe_config("depth", None, ["backbone.source=random", "depth.stride=0"])
-    with pytest.raises(ConfigError, match="classify.randaug"):
-        load_probe_config("classify", None, ["backbone.source=random", "classify.randaug=true"])
+    with pytest.raises(ConfigError, match=r"classify.randaug_magnitude = 11.0: must be in \[0, 10\]"):
+        load_probe_config("classify", None, ["backbone.source=random", "classify.randaug=true",
+                                             "classify.randaug_magnitude=11"])
+    with pytest.raises(ConfigError, match=r"^config error: batch_size = 9: must be a multiple of classify.repeated"):
+        load_probe_config("classify", None, ["backbone.source=random", "classify.repeated_aug=2", "batch_size=9"])
+    with pytest.raises(ConfigError, match="not both"):
+        load_probe_config("depth", None, ["backbone.source=random", "warmup_steps=5", "warmup_epochs=1"])
+    with pytest.raises(ConfigError, match=r"warmup_epochs = 3.0: must be < epochs \(2\)"):
+        load_probe_config("depth", None, ["backbone.source=random", "epochs=2", "warmup_epochs=3"])
+    with pytest.raises(ConfigError, match="num_workers"):
+        load_probe_config("depth", None, ["backbone.source=random", "num_workers=-1"])
     with pytest.raises(ConfigError, match="backbone.export_dir"):
         load_probe_config("track", None, [])
     with pytest.raises(ConfigError, match="unknown key 'lrr'"):
@@ -185,6 +194,15 @@ def test_config_errors_are_one_line():
         load_probe_config("classify", None, ["backbone.source=random", "classify.layer_decay=0.75"])
     for task in ("classify", "depth", "track"):
         load_probe_config(task, os.path.join(CFG, f"probe_{task}_tiny.yaml"))
+    for name in ("ssv2", "k400", "coin"):  # the Table 5 recipes
+        cfg = load_probe_config("classify", os.path.join(CFG, f"probe_classify_{name}.yaml"),
+                                ["backbone.export_dir=x", "classify.train_list=a", "classify.val_list=b"])
+        c = cfg.classify
+        assert (c.randaug, c.randaug_magnitude, c.randaug_magnitude_std, c.repeated_aug) == (True, 9.0, 0.5, 2)
+        assert (cfg.warmup_epochs, cfg.betas, c.label_smoothing, c.cutmix_prob, cfg.batch_size) == \
+            (5, [0.9, 0.999], 0.1, 1.0, 1024)
+        assert (cfg.lr, cfg.epochs, c.flip) == {"ssv2": (1e-3, 30, False), "k400": (3e-4, 20, True),
+                                                "coin": (2e-4, 20, True)}[name]
 
 
 # ----------------------------------------------------------------------------- backbone
@@ -243,7 +261,8 @@ def _falls(losses, k=4):
 
 
 def test_classify_trains(tmp_path):
-    cfg = _tiny(tmp_path, "classify", "classify.cutmix_prob=0.0", "classify.flip=false",
+    cfg = _tiny(tmp_path, "classify", "classify.cutmix_prob=0.0", "classify.flip=false", "classify.randaug=false",
+                "classify.repeated_aug=1", "warmup_epochs=0",
                 "classify.synthetic_train=8", "batch_size=8", "max_steps=25", "lr=3e-3",
                 f"feature_cache={tmp_path / 'cache'}")
     out = classify.run(cfg)

@@ -1,12 +1,14 @@
 """Action-recognition probe: attentive pooling (one learned query) + linear classifier.
 
 Recipe (supplement Table 5; the fine-tuning recipe, of which the frozen probe uses the head
-part): AdamW (0.9, 0.999), cosine schedule, label smoothing 0.1, cutmix (``cutmix_prob``,
-``cutmix_alpha``; Table 5: 1.0), horizontal flip except SSv2 (``flip``). Layer-wise lr
-decay (0.75 B / 0.85 L) is for fine-tuning the backbone: :func:`layer_decay_groups` builds
-those parameter groups; the frozen probe has no backbone parameters to decay, so
-``classify.layer_decay`` must stay 1.0. RandAug(9, 0.5) is not implemented
-(``classify.randaug: true`` is a config error). Metrics: top-1 and top-5 accuracy (%).
+part): AdamW (0.9, 0.999), cosine schedule with warm-up epochs, label smoothing 0.1, cutmix
+(``cutmix_prob``, ``cutmix_alpha``; Table 5: 1.0), horizontal flip except SSv2 (``flip``),
+RandAug(9, 0.5) (``randaug``, :mod:`ivfast.probes.randaug`), repeated augmentation x2
+(``repeated_aug``, :class:`ivfast.probes.loop.KeyBatches`). Layer-wise lr decay (0.75 B /
+0.85 L) is for fine-tuning the backbone: :func:`layer_decay_groups` builds those parameter
+groups; the frozen probe has no backbone parameters to decay, so ``classify.layer_decay``
+must stay 1.0. Clips load in ``num_workers`` DataLoader workers. Metrics: top-1 and top-5
+accuracy (%).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from ivfast.data.collate import collate_skip_bad
 from ivfast.models.attention import attention
 from ivfast.probes.config import ProbeConfig
 from ivfast.probes.features import FeatureCache, FrozenBackbone, load_encoder, tokens_for
-from ivfast.probes.loop import epoch_order, pick_device, run_training
+from ivfast.probes.loop import KeyBatches, make_loader, pick_device, run_training
+from ivfast.probes.randaug import RandAugClips, RandAugment
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:
@@ -126,17 +129,21 @@ def layer_decay_groups(encoder, decay: float, weight_decay: float = 0.05, base_l
 
 
 def build_datasets(cfg: ProbeConfig):
+    """(train, val) data sets keyed ``(index, seed)``; the training one with RandAugment when ``randaug``."""
     c = cfg.classify
     if c.data == "synthetic":
         from ivfast.data.synthetic import SyntheticClips
 
         train = SyntheticClips(c.synthetic_train, c.num_frames, c.img_size, c.num_classes, flip=c.flip, content_seed=0)
         val = SyntheticClips(c.synthetic_val, c.num_frames, c.img_size, c.num_classes, flip=False, content_seed=1)
-        return train, val
-    from ivfast.data.video_list import VideoListDataset
+    else:
+        from ivfast.data.video_list import VideoListDataset
 
-    train = VideoListDataset(c.train_list, c.root, c.num_frames, c.img_size, flip=c.flip, train=True)
-    val = VideoListDataset(c.val_list, c.root, c.num_frames, c.img_size, flip=False, train=False)
+        train = VideoListDataset(c.train_list, c.root, c.num_frames, c.img_size, flip=c.flip, train=True)
+        val = VideoListDataset(c.val_list, c.root, c.num_frames, c.img_size, flip=False, train=False)
+    if c.randaug:
+        train = RandAugClips(train, RandAugment(c.randaug_ops, c.randaug_magnitude, c.randaug_magnitude_std,
+                                                c.randaug_prob))
     return train, val
 
 
@@ -149,15 +156,17 @@ def run(cfg: ProbeConfig) -> dict:
     train, val = build_datasets(cfg)
     # Training features are cacheable only without per-step randomness: then every clip is
     # read with seed 0 (one fixed view), the usual frozen-feature probe practice.
-    cache_train = bool(cfg.feature_cache) and c.cutmix_prob == 0
+    cache_train = bool(cfg.feature_cache) and c.cutmix_prob == 0 and not c.randaug and c.repeated_aug == 1
     tcache = FeatureCache(cfg.feature_cache, "classify_train") if cache_train else None
     vcache = FeatureCache(cfg.feature_cache, "classify_val") if cfg.feature_cache else None
     rng = np.random.default_rng(cfg.seed)
+    tsampler = KeyBatches(len(train), cfg.batch_size, cfg.seed, c.repeated_aug, fixed_seed=0 if cache_train else None)
+    vsampler = KeyBatches(len(val), cfg.eval_batch_size, 0, shuffle=False, fixed_seed=0)
+    tloader = make_loader(train, tsampler, cfg.num_workers, collate_skip_bad)
 
-    def epoch_batches(epoch):
-        for b, idx in enumerate(epoch_order(len(train), cfg.batch_size, cfg.seed, epoch)):
-            seeds = [0 if cache_train else (cfg.seed * 7919 + epoch) * 100_003 + i for i in idx]
-            batch = collate_skip_bad([train[(i, s)] for i, s in zip(idx, seeds)])
+    def epoch_batches(epoch, start):
+        tsampler.set_position(epoch, start)
+        for batch in tloader:
             if batch["video"] is not None:
                 yield batch
 
@@ -173,8 +182,7 @@ def run(cfg: ProbeConfig) -> dict:
     @torch.no_grad()
     def evaluate():
         logits, labels = [], []
-        for idx in epoch_order(len(val), cfg.eval_batch_size, 0, 0, shuffle=False):
-            batch = collate_skip_bad([val[(i, 0)] for i in idx])
+        for batch in make_loader(val, vsampler, cfg.num_workers, collate_skip_bad, persistent=False):
             if batch["video"] is None:
                 continue
             logits.append(head(tokens_for(backbone, batch["video"], batch["index"], vcache, device)).cpu())
@@ -185,5 +193,5 @@ def run(cfg: ProbeConfig) -> dict:
         res["num_val"] = int(sum(len(x) for x in labels))
         return res
 
-    steps = len(epoch_order(len(train), cfg.batch_size, cfg.seed, 0))
-    return run_training(cfg, head, epoch_batches, steps, loss_fn, evaluate)
+    # The persistent workers end with tloader, when run returns.
+    return run_training(cfg, head, epoch_batches, len(tsampler), loss_fn, evaluate)

@@ -52,7 +52,13 @@ class ClassifyConfig:
     cutmix_prob: float = 0.0  # Table 5 fine-tuning: 1.0
     cutmix_alpha: float = 1.0
     flip: bool = True  # Table 5: off for SSv2
-    randaug: bool = False  # RandAug(9, 0.5): NOT implemented; true is a config error
+    # RandAug(9, 0.5) of Table 5 (ivfast/probes/randaug.py): training clips only
+    randaug: bool = False
+    randaug_ops: int = 2  # N ops per clip: the RandAugment default when the recipe names only (M, std)
+    randaug_magnitude: float = 9.0  # of 10
+    randaug_magnitude_std: float = 0.5
+    randaug_prob: float = 0.5  # chance that each drawn op is applied (timm / DeiT convention)
+    repeated_aug: int = 1  # Table 5: 2; each training clip k times per epoch, batch_size counts the copies
     layer_decay: float = 1.0  # fine-tuning only (see classify.layer_decay_groups); frozen probe: must be 1.0
 
 
@@ -110,12 +116,14 @@ class ProbeConfig:
     lr: float = 1e-3
     min_lr: float = 1e-6
     warmup_steps: int = 0
+    warmup_epochs: float = 0.0  # used when warmup_steps is 0: converted with the steps per epoch
     weight_decay: float = 0.05
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     batch_size: int = 8
     eval_batch_size: int = 8
     seed: int = 0
     feature_cache: str = ""  # directory; empty: no caching
+    num_workers: int = 0  # DataLoader worker processes for the classify clips (persistent); 0: main process
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 1
     save_every: int = 100
@@ -144,6 +152,12 @@ def validate_probe(cfg: ProbeConfig, task: str) -> None:
     _check(cfg.lr > 0, "lr", cfg.lr, "must be > 0")
     _check(0 <= cfg.min_lr <= cfg.lr, "min_lr", cfg.min_lr, "must be in [0, lr]")
     _check(cfg.warmup_steps >= 0, "warmup_steps", cfg.warmup_steps, "must be >= 0")
+    _check(cfg.warmup_epochs >= 0, "warmup_epochs", cfg.warmup_epochs, "must be >= 0")
+    _check(cfg.warmup_steps == 0 or cfg.warmup_epochs == 0, "warmup_epochs", cfg.warmup_epochs,
+           "give warmup_steps or warmup_epochs, not both")
+    _check(cfg.max_steps > 0 or cfg.warmup_epochs < cfg.epochs, "warmup_epochs", cfg.warmup_epochs,
+           f"must be < epochs ({cfg.epochs})")
+    _check(cfg.num_workers >= 0, "num_workers", cfg.num_workers, "must be >= 0")
     _check(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
     _check(len(cfg.betas) == 2 and all(0 <= x < 1 for x in cfg.betas), "betas", cfg.betas, "must be two values in [0, 1)")
     _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1")
@@ -162,7 +176,13 @@ def validate_probe(cfg: ProbeConfig, task: str) -> None:
         _check(0 <= c.label_smoothing < 1, "classify.label_smoothing", c.label_smoothing, "must be in [0, 1)")
         _check(0 <= c.cutmix_prob <= 1, "classify.cutmix_prob", c.cutmix_prob, "must be in [0, 1]")
         _check(c.cutmix_alpha > 0, "classify.cutmix_alpha", c.cutmix_alpha, "must be > 0")
-        _check(not c.randaug, "classify.randaug", c.randaug, "RandAug(9, 0.5) is not implemented in the probe")
+        _check(c.randaug_ops >= 0, "classify.randaug_ops", c.randaug_ops, "must be >= 0")
+        _check(0 <= c.randaug_magnitude <= 10, "classify.randaug_magnitude", c.randaug_magnitude, "must be in [0, 10]")
+        _check(c.randaug_magnitude_std >= 0, "classify.randaug_magnitude_std", c.randaug_magnitude_std, "must be >= 0")
+        _check(0 <= c.randaug_prob <= 1, "classify.randaug_prob", c.randaug_prob, "must be in [0, 1]")
+        _check(c.repeated_aug >= 1, "classify.repeated_aug", c.repeated_aug, "must be >= 1")
+        _check(cfg.batch_size % c.repeated_aug == 0, "batch_size", cfg.batch_size,
+               f"must be a multiple of classify.repeated_aug ({c.repeated_aug})")
         _check(c.layer_decay == 1.0, "classify.layer_decay", c.layer_decay,
                "layer-wise lr decay applies to fine-tuning only; the frozen probe has no backbone layers (use 1.0)")
     elif task == "depth":

@@ -246,8 +246,8 @@ def run(cfg: ProbeConfig) -> dict:
         gt = F.interpolate(gt, size=(d.img_size, d.img_size), mode="nearest")[:, 0]
         return video, gt
 
-    def epoch_batches(epoch):
-        for idx in epoch_order(len(samples), cfg.batch_size, cfg.seed, epoch):
+    def epoch_batches(epoch, start):
+        for idx in epoch_order(len(samples), cfg.batch_size, cfg.seed, epoch)[start:]:
             vids, gts = zip(*(clip(train_videos, *samples[i]) for i in idx))
             yield torch.stack(vids), torch.stack(gts), torch.tensor(idx)
 

@@ -7,6 +7,10 @@ and a resumable checkpoint in ``OUT/checkpoints``: ``head_<step>.safetensors`` +
 ``optim_<step>.safetensors`` written atomically first, then ``state.json`` (which names the
 step) replaced atomically and fsynced; older step files are removed after. A crash
 between the writes leaves the previous ``state.json`` pointing at complete files.
+
+Also the batch order of the probes (:func:`epoch_order`; :class:`KeyBatches`, which adds
+per-sample augmentation seeds and repeated augmentation) and :func:`make_loader`, the
+DataLoader (``num_workers``, persistent workers) around a data set keyed ``(index, seed)``.
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader, Sampler
 
+from ivfast.models.sample_rng import _mix
 from ivfast.probes.config import ProbeConfig
 from ivfast.training.checkpoint import _fsync_write
 from ivfast.training.metrics import MetricsWriter, Progress
@@ -106,15 +112,17 @@ def run_training(
 ) -> dict:
     """Train ``head`` and evaluate it; returns ``{"step", "losses", "eval"}``.
 
-    ``epoch_batches(epoch)`` yields the batches of one epoch in a deterministic order (a
-    function of the seed and epoch), so a resumed run skips the batches already seen.
-    ``loss_fn(batch) -> (loss, logs)``.
+    ``epoch_batches(epoch, start)`` yields the batches of one epoch from batch ``start`` on, in
+    a deterministic order (a function of the seed and epoch), so a resumed run starts after
+    the batches already seen without loading them. ``loss_fn(batch) -> (loss, logs)``. The
+    warm-up is ``cfg.warmup_steps``, or ``cfg.warmup_epochs`` x ``steps_per_epoch`` rounded.
     """
     if steps_per_epoch <= 0:
         raise ValueError("the training set yields no batches")
     out = cfg.output_dir
     os.makedirs(out, exist_ok=True)
     total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    warmup = warmup_steps(cfg, steps_per_epoch)
     opt = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
     step = 0
     if cfg.resume == "auto":
@@ -128,12 +136,10 @@ def run_training(
     try:
         epoch, skip = divmod(step, steps_per_epoch)
         while step < total:
-            for i, batch in enumerate(epoch_batches(epoch)):
-                if i < skip:
-                    continue
+            for batch in epoch_batches(epoch, skip):
                 if step >= total:
                     break
-                lr = cosine_lr(step, total, cfg.lr, cfg.min_lr, cfg.warmup_steps)
+                lr = cosine_lr(step, total, cfg.lr, cfg.min_lr, warmup)
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 loss, logs = loss_fn(batch)
@@ -163,6 +169,13 @@ def run_training(
     return {"step": step, "losses": losses, "eval": results}
 
 
+def warmup_steps(cfg: ProbeConfig, steps_per_epoch: int) -> int:
+    """Warm-up length in steps: ``warmup_steps``, else ``round(warmup_epochs * steps_per_epoch)``."""
+    if cfg.warmup_steps > 0:
+        return cfg.warmup_steps
+    return int(round(cfg.warmup_epochs * steps_per_epoch))
+
+
 def epoch_order(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
     """Index batches of one epoch: a permutation drawn from (seed, epoch); the last short batch kept."""
     if shuffle:
@@ -177,3 +190,49 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+class KeyBatches(Sampler):
+    """Batches of dataset keys ``(index, sample_seed)`` for one epoch at a time.
+
+    The distinct samples of an epoch are :func:`epoch_order` batches of ``batch_size //
+    repeats`` indices; with ``repeats`` k > 1 (repeated augmentation) each batch holds those
+    indices k times, copy r after copy r - 1 (``[a, b, c, a, b, c]``), so a sample's copies
+    never sit side by side (batch mixing that pairs neighbours pairs different clips) and
+    every sample appears k times per epoch. Copy r of sample i in epoch e gets seed
+    ``_mix(seed, e, i, r)``, a different augmentation draw per copy and epoch;
+    ``fixed_seed`` gives every key that seed instead (one fixed view, e.g. for feature
+    caching). :meth:`set_position` picks the epoch and first batch of the next iteration.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, repeats: int = 1, shuffle: bool = True,
+                 fixed_seed: int | None = None):
+        if repeats < 1 or batch_size % repeats:
+            raise ValueError(f"batch size {batch_size} is not a multiple of the {repeats} repeats")
+        self.n, self.per_batch, self.seed, self.repeats = n, batch_size // repeats, seed, repeats
+        self.shuffle, self.fixed_seed = shuffle, fixed_seed
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return -(-self.n // self.per_batch)
+
+    def batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        out = []
+        for idx in epoch_order(self.n, self.per_batch, self.seed, epoch, self.shuffle):
+            out.append([(i, self.fixed_seed if self.fixed_seed is not None else _mix(self.seed, epoch, i, r))
+                        for r in range(self.repeats) for i in idx])
+        return out
+
+    def __iter__(self):
+        yield from self.batches(self.epoch)[self.start:]
+
+
+def make_loader(dataset, sampler: KeyBatches, num_workers: int, collate_fn, persistent: bool = True) -> DataLoader:
+    """A DataLoader over ``sampler``'s key batches; with ``num_workers`` > 0 the workers are
+    persistent (kept across epochs) unless ``persistent`` is False."""
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
+                      persistent_workers=persistent and num_workers > 0,
+                      prefetch_factor=2 if num_workers > 0 else None)

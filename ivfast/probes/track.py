@@ -315,8 +315,8 @@ def run(cfg: ProbeConfig) -> dict:
     tcache = FeatureCache(cfg.feature_cache, "track_train") if cfg.feature_cache else None
     vcache = FeatureCache(cfg.feature_cache, "track_val") if cfg.feature_cache else None
 
-    def epoch_batches(epoch):
-        for idx in epoch_order(len(train), cfg.batch_size, cfg.seed, epoch):
+    def epoch_batches(epoch, start):
+        for idx in epoch_order(len(train), cfg.batch_size, cfg.seed, epoch)[start:]:
             yield (*_stack([train[i] for i in idx]), torch.tensor(idx))
 
     def loss_fn(batch):
