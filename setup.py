@@ -12,8 +12,9 @@ setup(
     install_requires=requirements,
     extras_require={
         # GPU machines: FlashAttention and NVIDIA DALI (CUDA 13 build). Neither installs on a CPU machine.
-        "gpu": ["flash-attn>=2.7", "nvidia-dali-cuda130>=1.50"],
+        "gpu": ["flash-attn>=2.7"],
     },
     entry_points={"console_scripts": ["ivfast-train=ivfast.train:main", "ivfast-export=ivfast.export:main",
-                                        "ivfast-probe=ivfast.probes.cli:main"]},
+                                        "ivfast-probe=ivfast.probes.cli:main", "ivfast-data=ivfast.data.cli:main",
+                                        "ivfast-memory=ivfast.memory.cli:main"]},
 )

@@ -123,6 +123,13 @@ class DataConfig:
     batch_size: int = 16
     num_workers: int = 2
     max_bad_fraction: float = 0.5
+    backend: Literal["auto", "dali", "pyav", "synthetic"] = "auto"
+    list_format: Literal["auto", "release", "plain", "csv"] = "auto"
+    check_files: bool = True
+    min_frames: int = 4  # a video with fewer decodable frames is too short: skipped and counted
+    decode_timeout_s: float = 60.0
+    dali_threads: int = 4
+    dali_prefetch: int = 2
 
 
 @dataclass
@@ -387,6 +394,14 @@ def validate(cfg: Config) -> None:
     _check(d.source != "list" or bool(d.list_file), "data.list_file", d.list_file, "is required when data.source is 'list'")
     _check(all(0 < s <= 1 for s in d.scales) and len(d.scales) > 0, "data.scales", d.scales, "must be in (0, 1]")
     _check(d.synthetic_clips >= 1, "data.synthetic_clips", d.synthetic_clips, "must be >= 1")
+    _check(d.backend not in ("pyav", "dali") or d.source == "list", "data.backend", d.backend,
+           f"reads a data list: needs data.source 'list' (data.source is {d.source!r})")
+    _check(d.backend != "synthetic" or d.source == "synthetic", "data.backend", d.backend,
+           f"generates clips: needs data.source 'synthetic' (data.source is {d.source!r})")
+    _check(d.min_frames >= 1, "data.min_frames", d.min_frames, "must be >= 1")
+    _check(d.decode_timeout_s >= 0, "data.decode_timeout_s", d.decode_timeout_s, "must be >= 0 (0: no limit)")
+    _check(d.dali_threads >= 1, "data.dali_threads", d.dali_threads, "must be >= 1")
+    _check(d.dali_prefetch >= 1, "data.dali_prefetch", d.dali_prefetch, "must be >= 1")
     _check(tr.max_steps >= 0, "train.max_steps", tr.max_steps, "must be >= 0 (0: derive from train.epochs)")
     _check(tr.max_steps > 0 or tr.epochs > 0, "train.epochs", tr.epochs, "must be positive when train.max_steps is 0")
     _check(tr.lr > 0, "train.lr", tr.lr, "must be positive")

@@ -22,12 +22,12 @@ def write_video(path: str, frames: np.ndarray, codec: str | None = None, fps: in
     """Encode uint8 RGB frames (T, H, W, 3) (H, W even) to ``path``.
 
     The codec follows the extension unless given: .mp4 / .mkv -> libx264 (near-lossless),
-    .avi -> mjpeg.
+    .avi -> mjpeg, .webm -> libvpx-vp9. H.264 needs even H, W; VP9 and MJPEG take odd sizes.
     """
     import av
 
     ext = os.path.splitext(path)[1].lower()
-    codec = codec or {".avi": "mjpeg"}.get(ext, "libx264")
+    codec = codec or {".avi": "mjpeg", ".webm": "libvpx-vp9"}.get(ext, "libx264")
     t, h, w, _ = frames.shape
     with av.open(path, "w") as container:
         stream = container.add_stream(codec, rate=fps)
@@ -73,4 +73,39 @@ def write_truncated(src: str, path: str, fraction: float = 0.3) -> str:
 
 def write_empty(path: str) -> str:
     open(path, "wb").close()
+    return path
+
+
+def write_timed_clip(path: str, times_ms, width: int = 64, height: int = 48) -> str:
+    """A numbered H.264 clip whose frame k is shown at ``times_ms[k]`` milliseconds: uneven
+    gaps make a variable-frame-rate file, a first time > 0 a stream that does not start at 0."""
+    from fractions import Fraction
+
+    import av
+
+    frames = numbered_frames(len(times_ms), width, height)
+    tb = Fraction(1, 1000)
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = tb
+        stream.codec_context.thread_count = 1
+        stream.options = {"crf": "0", "preset": "ultrafast"}
+        for k, t in enumerate(times_ms):
+            frame = av.VideoFrame.from_ndarray(frames[k], format="rgb24")
+            frame.pts, frame.time_base = int(t), tb
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_garbled(src: str, path: str, keep: int = 1024, seed: int = 0) -> str:
+    """``src``'s first ``keep`` bytes (a valid header), then random bytes to the same length."""
+    with open(src, "rb") as f:
+        data = f.read()
+    junk = np.random.default_rng(seed).integers(0, 256, max(0, len(data) - keep), dtype=np.uint8).tobytes()
+    with open(path, "wb") as f:
+        f.write(data[:keep] + junk)
     return path

@@ -328,7 +328,7 @@ def test_video_header_overstates_frame_count(videos, monkeypatch):
         def __exit__(self, *a):
             self._c.close()
 
-    monkeypatch.setattr(vl, "_open", lambda path: _Proxy(real_open(path)))
+    monkeypatch.setattr(vl, "_open", lambda path, *a, **k: _Proxy(real_open(path, *a, **k)))
     frames = load_clip(p["good"], 4, np.random.default_rng(3), seed=3)
     assert frames.shape == (4, 48, 64, 3)
     got = [level_to_frame(f.mean()) for f in frames]

@@ -1,24 +1,25 @@
-"""Videos named in a list file, decoded with PyAV, sampled with TSN segments.
+"""Videos named in a dataset list, decoded with PyAV, sampled with TSN segments.
 
-List file format, one video per line, fields separated by whitespace::
+The list formats (the release's annotation lines, ``path [label]``, CSV) are read by
+:mod:`ivfast.data.lists`; ``VideoListDataset`` takes a list file or a list of
+:class:`~ivfast.data.lists.VideoEntry`. Per video it honours ``flip`` (False for SSv2:
+no mirroring, and no flip draw) and the ``start_s`` / ``end_s`` segment (see
+``lists.segment_frames``).
 
-    # comment lines and blank lines are skipped
-    relative/or/absolute/path.mp4 12
-    another_video.webm             # no label: the label is 0
-
-* 1 field: a path, label 0 (for unlabelled pretraining data);
-* 2 fields: a path and an integer label >= 0;
-* anything else (3+ fields, a label that is not a non-negative integer) is malformed and
-  raises ``ValueError`` naming the list file and the 1-based line number. Paths therefore
-  cannot contain whitespace. A relative path is joined to ``root``.
+Frames are numbered in decode order (the order the decoder returns them, which is
+presentation order): timestamps are not used to pick frames, so a stream whose first
+timestamp is not zero, or whose frame rate varies, is sampled like any other (a segment
+in seconds maps to frames through the mean frame rate). ``ivfast-data check`` reports such
+files and ``ivfast-data prepare`` rewrites them at a constant rate.
 
 ``VideoListDataset.__getitem__((index, seed))`` opens the video inside the call (safe in
 DataLoader workers: nothing decoded or opened is kept on the dataset), so every worker has
-its own file handles. An unreadable sample (missing or empty file, not a video, no video
-stream, zero frames, a decoding error) logs one warning on the ``"ivfast.data"`` logger
-naming the file and the reason and returns ``None``; the dataset never retries and never
-substitutes another index. An ``index`` out of range is a caller bug and raises
-``IndexError``.
+its own decoder. An unreadable sample (missing or empty file, not a video, no video
+stream, zero frames, fewer frames than ``min_frames``, a decoding error, decoding longer
+than ``decode_timeout_s``: see :mod:`ivfast.data.decode_timeout`) logs one warning on the
+``"ivfast.data"`` logger naming the file and the reason and returns ``None``; the dataset
+never retries and never substitutes another index. An ``index`` out of range is a caller
+bug and raises ``IndexError``.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from typing import Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
+from ivfast.data.decode_timeout import Deadline, time_limit
+from ivfast.data.lists import VideoEntry, read_list, segment_frames
 from ivfast.data.sampling import tsn_indices
 from ivfast.data.transforms import DEFAULT_SCALES, IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
@@ -36,45 +39,22 @@ logger = logging.getLogger("ivfast.data")
 
 
 def read_video_list(path: str, root: str = "") -> list[tuple[str, int]]:
-    """Parse a list file into ``[(video_path, label), ...]``; see the module docstring."""
-    out: list[tuple[str, int]] = []
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            fields = line.split()
-            if len(fields) > 2:
-                raise ValueError(
-                    f"{path}:{lineno}: malformed line {line!r}: expected 'path [label]', got {len(fields)} fields"
-                )
-            label = 0
-            if len(fields) == 2:
-                try:
-                    label = int(fields[1])
-                except ValueError:
-                    raise ValueError(f"{path}:{lineno}: malformed line {line!r}: label {fields[1]!r} is not an integer") from None
-                if label < 0:
-                    raise ValueError(f"{path}:{lineno}: malformed line {line!r}: negative label {label}")
-            video = fields[0]
-            if root and not os.path.isabs(video):
-                video = os.path.join(root, video)
-            out.append((video, label))
-    return out
+    """A ``path [label]`` list as ``[(video_path, label), ...]`` (``lists.read_list`` reads every format)."""
+    return [(e.path, e.label) for e in read_list(path, root, fmt="plain")]
 
 
 class _Unreadable(Exception):
     """A video that cannot give a clip; the message is the reason logged."""
 
 
-def _open(path: str):
+def _open(path: str, timeout_s: float = 0.0):
     import av  # imported lazily: the synthetic data path needs no PyAV
 
     if not os.path.exists(path):
         raise _Unreadable("file not found")
     if os.path.getsize(path) == 0:
         raise _Unreadable("empty file")
-    container = av.open(path)
+    container = av.open(path, timeout=timeout_s if timeout_s > 0 else None)
     if not container.streams.video:
         container.close()
         raise _Unreadable("no video stream")
@@ -87,13 +67,34 @@ def _open(path: str):
     return container
 
 
-def _count_frames(path: str) -> int:
-    """The number of frames, counted by decoding the whole video stream."""
-    with _open(path) as container:
-        return sum(1 for _ in container.decode(container.streams.video[0]))
+def _stream_duration_s(container) -> float | None:
+    """The video stream's length in seconds as its header states it, or None."""
+    stream = container.streams.video[0]
+    duration, time_base = getattr(stream, "duration", None), getattr(stream, "time_base", None)
+    return float(duration * time_base) if duration and time_base else None
 
 
-def _decode_at(path: str, indices: np.ndarray) -> tuple[np.ndarray | None, int]:
+def _count_frames(path: str, deadline: Deadline | None = None) -> tuple[int, float | None]:
+    """Decode the whole video stream: ``(frames, length in seconds)``.
+
+    The length is the span of the frame timestamps plus one mean frame interval (so it
+    does not include a non-zero start time), or None when there are fewer than 2 timed frames.
+    """
+    n, first, last = 0, None, None
+    with _open(path, deadline.seconds if deadline else 0.0) as container:
+        for frame in container.decode(container.streams.video[0]):
+            n += 1
+            t = frame.time
+            if t is not None:
+                first = t if first is None else min(first, t)
+                last = t if last is None else max(last, t)
+            if deadline is not None:
+                deadline.check()
+    span = None if first is None or last is None or n < 2 or last <= first else (last - first) * n / (n - 1)
+    return n, span
+
+
+def _decode_at(path: str, indices: np.ndarray, deadline: Deadline | None = None) -> tuple[np.ndarray | None, int]:
     """Decode frames ``0 .. max(indices)`` in order, keep those at ``indices`` as RGB uint8.
 
     Returns ``((T, H, W, 3) uint8, n)`` when every index was reached, else ``(None, n)``
@@ -103,11 +104,13 @@ def _decode_at(path: str, indices: np.ndarray) -> tuple[np.ndarray | None, int]:
     wanted = set(int(i) for i in indices)
     got: dict[int, np.ndarray] = {}
     n = 0
-    with _open(path) as container:
+    with _open(path, deadline.seconds if deadline else 0.0) as container:
         for frame in container.decode(container.streams.video[0]):
             if n in wanted:
                 got[n] = frame.to_ndarray(format="rgb24")
             n += 1
+            if deadline is not None:
+                deadline.check()
             if n > last:
                 break
     if n <= last:
@@ -115,54 +118,77 @@ def _decode_at(path: str, indices: np.ndarray) -> tuple[np.ndarray | None, int]:
     return np.stack([got[int(i)] for i in indices]), n
 
 
-def load_clip(path: str, num_frames: int, rng: np.random.Generator | None, seed: int | None = None) -> np.ndarray:
+def _needs_length(entry: VideoEntry | None) -> bool:
+    """Whether mapping ``entry``'s segment to frames needs the video's length from the file."""
+    return entry is not None and entry.total_s is None and (entry.start_s is not None or entry.end_s is not None)
+
+
+def _clip_indices(entry: VideoEntry | None, total: int, duration: float | None, num_frames: int,
+                  rng: np.random.Generator | None, min_frames: int) -> np.ndarray:
+    first, count = (0, total) if entry is None else segment_frames(entry, total, duration)
+    if count < min_frames:
+        raise _Unreadable(f"too short: {count} frames, fewer than data.min_frames = {min_frames}")
+    return first + tsn_indices(count, num_frames, rng)
+
+
+def load_clip(path: str, num_frames: int, rng: np.random.Generator | None, seed: int | None = None, *,
+              entry: VideoEntry | None = None, min_frames: int = 1, timeout_s: float = 0.0) -> np.ndarray:
     """TSN-sampled RGB uint8 frames ``(num_frames, H, W, 3)`` of one video.
 
     The frame count comes from the stream header, or from a decoding pass when the header
-    has none. If the header overstates it (decoding ends before the last sampled frame,
+    has none. ``entry`` (optional) supplies a ``start_s`` / ``end_s`` segment to sample
+    from. If the header overstates the count (decoding ends before the last sampled frame,
     e.g. a truncated Matroska file), the indices are drawn again on the true count (with a
     fresh ``default_rng(seed)`` when training) and decoded once more: at most two passes.
-    Raises ``_Unreadable`` or a PyAV / OS error on failure.
+    ``timeout_s > 0`` bounds the whole call (``decode_timeout.time_limit``). Raises
+    ``_Unreadable``, ``DecodeTimeout``, ``ValueError`` (an empty segment) or a PyAV / OS
+    error on failure.
     """
-    with _open(path) as container:
-        total = int(container.streams.video[0].frames or 0)
-    counted = total <= 0
-    if counted:
-        total = _count_frames(path)
-    if total <= 0:
-        raise _Unreadable("zero frames")
-    indices = tsn_indices(total, num_frames, rng)
-    frames, n = _decode_at(path, indices)
-    if frames is not None:
+    with time_limit(timeout_s) as deadline:
+        with _open(path, timeout_s) as container:
+            total = int(container.streams.video[0].frames or 0)
+            duration = _stream_duration_s(container) if _needs_length(entry) else None
+        counted = total <= 0
+        if counted or (_needs_length(entry) and duration is None):
+            n_counted, span = _count_frames(path, deadline)
+            total = n_counted if counted else total
+            duration = duration if duration is not None else span
+        if total <= 0:
+            raise _Unreadable("zero frames")
+        indices = _clip_indices(entry, total, duration, num_frames, rng, min_frames)
+        frames, n = _decode_at(path, indices, deadline)
+        if frames is not None:
+            return frames
+        if n <= 0:
+            raise _Unreadable("zero decodable frames")
+        if counted:  # the count came from decoding; a shorter second decode is not a clean video
+            raise _Unreadable(f"decoding is not repeatable ({total} frames counted, then {n})")
+        logger.info("%s: the header says %d frames but only %d decode; sampling from %d", path, total, n, n)
+        if rng is not None:
+            rng = np.random.default_rng(seed)
+        indices = _clip_indices(entry, n, duration, num_frames, rng, min_frames)
+        frames, n2 = _decode_at(path, indices, deadline)
+        if frames is None:
+            raise _Unreadable(f"decoding is not repeatable ({n} frames, then {n2})")
         return frames
-    if n <= 0:
-        raise _Unreadable("zero decodable frames")
-    if counted:  # the count came from decoding; a shorter second decode is not a clean video
-        raise _Unreadable(f"decoding is not repeatable ({total} frames counted, then {n})")
-    logger.info("%s: the header says %d frames but only %d decode; sampling from %d", path, total, n, n)
-    if rng is not None:
-        rng = np.random.default_rng(seed)
-    indices = tsn_indices(n, num_frames, rng)
-    frames, n2 = _decode_at(path, indices)
-    if frames is None:
-        raise _Unreadable(f"decoding is not repeatable ({n} frames, then {n2})")
-    return frames
 
 
 class VideoListDataset(Dataset):
-    """Clips from the videos of a list file; see the module docstring.
+    """Clips from the videos of a dataset list; see the module docstring.
 
-    ``__getitem__((index, seed))`` -> ``{"video": float32 (3, num_frames, size, size),
-    "label": int, "index": int}`` or ``None``. With ``train=True`` the frames are a random
-    TSN draw and go through ``train_transform`` (multi-scale crop, flip when ``flip``); all
-    randomness comes from ``numpy.random.default_rng(seed)``. With ``train=False`` the
-    segment middles go through ``eval_transform`` and the seed is unused. A plain int key
-    means seed 0.
+    ``videos``: a list file (any format of :mod:`ivfast.data.lists`, ``list_format``
+    "auto" detects it; relative paths join ``root``) or a sequence of ``VideoEntry``
+    (paths used as they are). ``__getitem__((index, seed))`` -> ``{"video": float32 (3,
+    num_frames, size, size), "label": int, "index": int}`` or ``None``. With ``train=True``
+    the frames are a random TSN draw and go through ``train_transform`` (multi-scale crop,
+    flip when both ``flip`` and the entry's ``flip`` allow it); all randomness comes from
+    ``numpy.random.default_rng(seed)``. With ``train=False`` the segment middles go through
+    ``eval_transform`` and the seed is unused. A plain int key means seed 0.
     """
 
     def __init__(
         self,
-        list_file: str,
+        videos: str | Sequence[VideoEntry],
         root: str = "",
         num_frames: int = 16,
         size: int = 224,
@@ -171,19 +197,29 @@ class VideoListDataset(Dataset):
         train: bool = True,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        list_format: str = "auto",
+        decode_timeout_s: float = 0.0,
+        min_frames: int = 1,
     ):
         if num_frames <= 0 or size <= 0:
             raise ValueError(f"VideoListDataset: bad num_frames={num_frames} / size={size}")
-        self.list_file = list_file
-        self.samples = read_video_list(list_file, root)
-        if not self.samples:
-            raise ValueError(f"VideoListDataset: {list_file} names no videos")
+        if min_frames < 1:
+            raise ValueError(f"VideoListDataset: min_frames must be >= 1, got {min_frames}")
+        if isinstance(videos, (str, os.PathLike)):
+            self.list_file = str(videos)
+            self.entries = read_list(self.list_file, root, list_format)
+        else:
+            self.list_file = "<entries>"
+            self.entries = list(videos)
+        if not self.entries:
+            raise ValueError(f"VideoListDataset: {self.list_file} names no videos")
         self.num_frames, self.size = int(num_frames), int(size)
         self.scales, self.flip, self.train = tuple(float(s) for s in scales), bool(flip), bool(train)
         self.mean, self.std = tuple(mean), tuple(std)
+        self.decode_timeout_s, self.min_frames = float(decode_timeout_s), int(min_frames)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.entries)
 
     def __getitem__(self, key):
         if isinstance(key, (tuple, list)):
@@ -192,19 +228,20 @@ class VideoListDataset(Dataset):
             index, seed = int(key[0]), int(key[1])
         else:
             index, seed = int(key), 0
-        if not 0 <= index < len(self.samples):
-            raise IndexError(f"VideoListDataset: index {index} out of range [0, {len(self.samples)})")
-        path, label = self.samples[index]
+        if not 0 <= index < len(self.entries):
+            raise IndexError(f"VideoListDataset: index {index} out of range [0, {len(self.entries)})")
+        entry = self.entries[index]
         rng = np.random.default_rng(seed) if self.train else None  # a bad seed is a caller bug: raise
         try:
-            frames = load_clip(path, self.num_frames, rng, seed)
+            frames = load_clip(entry.path, self.num_frames, rng, seed, entry=entry, min_frames=self.min_frames,
+                               timeout_s=self.decode_timeout_s)
             if self.train:
-                video = train_transform(frames, self.size, rng, scales=self.scales, flip=self.flip,
+                video = train_transform(frames, self.size, rng, scales=self.scales, flip=self.flip and entry.flip,
                                         mean=self.mean, std=self.std)
             else:
                 video = eval_transform(frames, self.size, mean=self.mean, std=self.std)
         except Exception as e:  # noqa: BLE001 - any failure of one sample is reported, not raised
             reason = str(e) if isinstance(e, _Unreadable) else f"{type(e).__name__}: {e}"
-            logger.warning("cannot read video %s: %s", path, reason)
+            logger.warning("cannot read video %s: %s", entry.path, reason)
             return None
-        return {"video": video, "label": label, "index": index}
+        return {"video": video, "label": entry.label, "index": index}
