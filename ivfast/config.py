@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A bad configuration value; the message is one line that names the key."""
 
 
+# The modules whose blocks ``model.checkpointing`` may recompute in backward.
+CHECKPOINTABLE = ("encoder", "predictor", "diffusion")
+
+
 @dataclass
 class EncoderConfig:
     width: int = 768
@@ -48,6 +52,7 @@ class TeacherConfig:
     layer_interval: float = 3.33
     weights: str = ""
     init_seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # the frozen Stage-1 teacher's dtype; auto: the training dtype
 
 
 @dataclass
@@ -78,6 +83,8 @@ class DiffusionConfig:
     schedule: Literal["cosine", "linear"] = "cosine"
     learn_sigma: bool = True
     batch_mul: int = 1
+    reconstruction_ratio: float = 1.0  # share of each sample's masked tokens given to the diffusion loss
+    precision: Literal["auto", "fp32"] = "auto"  # fp32: the head computes in fp32 (the release) under bf16 training
 
 
 @dataclass
@@ -102,6 +109,7 @@ class ModelConfig:
     mask_type: Literal["semantic", "tube"] = "semantic"
     mask_ratio: float = 0.75
     loss_weights: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    checkpointing: List[str] = field(default_factory=list)  # activation checkpointing per block: CHECKPOINTABLE
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
@@ -153,6 +161,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: Literal["auto", "never"] = "auto"
     progress: bool = True
+    allocator: str = ""  # PYTORCH_CUDA_ALLOC_CONF for the run (the environment's own value wins)
 
 
 @dataclass
@@ -387,6 +396,10 @@ def validate(cfg: Config) -> None:
            f"(data.img_size / patch)")
     _check(m.diffusion.batch_mul >= 1, "model.diffusion.batch_mul", m.diffusion.batch_mul, "must be >= 1")
     _check(m.diffusion.num_timesteps >= 2, "model.diffusion.num_timesteps", m.diffusion.num_timesteps, "must be >= 2")
+    _check(0.0 < m.diffusion.reconstruction_ratio <= 1.0, "model.diffusion.reconstruction_ratio",
+           m.diffusion.reconstruction_ratio, "must be in (0, 1]")
+    _check(all(c in CHECKPOINTABLE for c in m.checkpointing) and len(set(m.checkpointing)) == len(m.checkpointing),
+           "model.checkpointing", m.checkpointing, f"must be distinct names from {list(CHECKPOINTABLE)}")
     _check(m.predictor.window >= 2, "model.predictor.window", m.predictor.window, "must be >= 2")
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
@@ -415,6 +428,9 @@ def validate(cfg: Config) -> None:
     _check(tr.log_every >= 1, "train.log_every", tr.log_every, "must be >= 1")
     _check(tr.save_every >= 1, "train.save_every", tr.save_every, "must be >= 1")
     _check(tr.keep_checkpoints >= 1, "train.keep_checkpoints", tr.keep_checkpoints, "must be >= 1")
+    _check(not tr.allocator or all(":" in kv and not any(c.isspace() for c in kv) for kv in tr.allocator.split(",")),
+           "train.allocator", tr.allocator, "must be PyTorch allocator settings 'key:value[,key:value...]' "
+           "(e.g. expandable_segments:True)")
     _check(0 <= cfg.deepspeed.zero_stage <= 3, "deepspeed.zero_stage", cfg.deepspeed.zero_stage, "must be 0, 1, 2 or 3")
     _check(bool(cfg.output_dir), "output_dir", cfg.output_dir, "must not be empty")
     s2 = m.stage2

@@ -39,6 +39,11 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
+    from ivfast.training.distributed import configure_allocator
+
+    note = configure_allocator(cfg.train.allocator)  # before anything can start CUDA
+    if note and os.environ.get("RANK", "0") == "0":
+        print(f"ivfast: {note}", file=sys.stderr)
     from ivfast.training.trainer import train
 
     result = train(cfg)

@@ -13,12 +13,17 @@ Denoiser layout:
     shift, scale = Linear(SiLU(y)).chunk(2);  out = Linear(LN(h) * (1 + scale) + shift)
 All adaLN projections and the output projection start at zero, so the initial output is 0.
 
-The head computes in the dtype of its parameters / inputs (no autocast handling here).
+The head computes in the dtype of its inputs: its Linear and LayerNorm layers cast their
+parameters to it on use, a no-op when they agree (``precision="auto"``: the training dtype,
+the fused kernels). ``DiffusionLoss(precision="fp32")`` upcasts its inputs and turns autocast
+off, so a head whose parameters DeepSpeed keeps in bf16 still computes in fp32 (as the
+release's does); the gradients reach the bf16 parameters through the casts.
 Sampling of (t, eps) and the loss given them are separate methods so tests and fused
-kernels can swap either piece.
+kernels can swap either piece. ``checkpointing`` recomputes each residual block in backward.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, Optional, Tuple
 
@@ -26,7 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ivfast.models.checkpointing import run_block
 from ivfast.models.diffusion import GaussianDiffusion
+
+PRECISIONS = ("auto", "fp32")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -50,6 +58,23 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1.0 + scale) + shift
 
 
+class CastLinear(nn.Linear):
+    """``nn.Linear`` computing in its input's dtype (the parameters are cast on use)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+class CastLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` computing in its input's dtype (the affine parameters are cast on use)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
 class TimestepEmbedder(nn.Module):
     """timestep_embedding(t, freq_dim) -> Linear(freq_dim, w) -> SiLU -> Linear(w, w)."""
 
@@ -57,52 +82,67 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
         self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, width),
+            CastLinear(frequency_embedding_size, width),
             nn.SiLU(),
-            nn.Linear(width, width),
+            CastLinear(width, width),
         )
 
     fused = False  # set by SimpleMLP(fused=True): the embedding from kernels.sincos
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """(M,) -> (M, width) in ``dtype`` (default: the parameters' dtype)."""
         if self.fused:
             from kernels.sincos import timestep_embedding as embed
         else:
             embed = timestep_embedding
         emb = embed(t, self.frequency_embedding_size)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        return self.mlp(emb.to(dtype or self.mlp[0].weight.dtype))
 
 
 class AdaLNBlock(nn.Module):
-    """Residual MLP block modulated by the conditioning y (shift, scale, gate)."""
+    """Residual MLP block modulated by the conditioning y (shift, scale, gate).
+
+    Given ``silu_y`` = SiLU(y) (``SimpleMLP(fused=True)``) and parameters in x's dtype, the
+    block runs through ``kernels.adaln``; else the layers below (in x's dtype).
+    """
 
     def __init__(self, width: int):
         super().__init__()
         self.width = width
-        self.norm = nn.LayerNorm(width, eps=1e-6, elementwise_affine=True)
+        self.norm = CastLayerNorm(width, eps=1e-6, elementwise_affine=True)
         self.mlp = nn.Sequential(
-            nn.Linear(width, width),
+            CastLinear(width, width),
             nn.SiLU(),
-            nn.Linear(width, width),
+            CastLinear(width, width),
         )
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), CastLinear(width, 3 * width))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, silu_y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if silu_y is not None and self.norm.weight.dtype == x.dtype:
+            from kernels.adaln import fused_block_forward
+
+            return fused_block_forward(self, x, silu_y)
         shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
         h = self.mlp(modulate(self.norm(x), shift, scale))
         return x + gate * h
 
 
 class FinalLayer(nn.Module):
-    """Affine-free LayerNorm, adaLN (shift, scale) from y, then Linear(w, out_channels)."""
+    """Affine-free LayerNorm, adaLN (shift, scale) from y, then Linear(w, out_channels).
+
+    ``silu_y``: as for :class:`AdaLNBlock` (``kernels.adaln`` when the dtypes agree)."""
 
     def __init__(self, width: int, out_channels: int):
         super().__init__()
-        self.norm_final = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-        self.linear = nn.Linear(width, out_channels)
+        self.norm_final = CastLayerNorm(width, eps=1e-6, elementwise_affine=False)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), CastLinear(width, 2 * width))
+        self.linear = CastLinear(width, out_channels)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, silu_y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if silu_y is not None and self.linear.weight.dtype == x.dtype:
+            from kernels.adaln import fused_final_forward
+
+            return fused_final_forward(self, x, silu_y)
         shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
@@ -112,12 +152,14 @@ class SimpleMLP(nn.Module):
 
     ``fused=True`` runs the blocks and the final layer through ``kernels.adaln`` (same
     parameters and math; SiLU(y) computed once and shared by every adaLN projection).
+    Computes in x_t's dtype. ``checkpointing``: recompute each residual block in backward.
     """
 
     def __init__(self, in_channels: int, width: int, out_channels: int,
-                 z_channels: int, depth: int, fused: bool = False):
+                 z_channels: int, depth: int, fused: bool = False, checkpointing: bool = False):
         super().__init__()
         self.fused = bool(fused)
+        self.checkpointing = bool(checkpointing)
         self.in_channels = in_channels
         self.width = width
         self.out_channels = out_channels
@@ -125,8 +167,8 @@ class SimpleMLP(nn.Module):
         self.depth = depth
         self.time_embed = TimestepEmbedder(width)
         self.time_embed.fused = self.fused
-        self.cond_embed = nn.Linear(z_channels, width)
-        self.input_proj = nn.Linear(in_channels, width)
+        self.cond_embed = CastLinear(z_channels, width)
+        self.input_proj = CastLinear(in_channels, width)
         self.res_blocks = nn.ModuleList([AdaLNBlock(width) for _ in range(depth)])
         self.final_layer = FinalLayer(width, out_channels)
         self.initialize_weights()
@@ -152,18 +194,12 @@ class SimpleMLP(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        y = self.time_embed(t) + self.cond_embed(z)
+        y = self.time_embed(t, x_t.dtype) + self.cond_embed(z)
         h = self.input_proj(x_t)
-        if self.fused:
-            from kernels.adaln import fused_block_forward, fused_final_forward
-
-            silu_y = F.silu(y)
-            for block in self.res_blocks:
-                h = fused_block_forward(block, h, silu_y)
-            return fused_final_forward(self.final_layer, h, silu_y)
+        silu_y = F.silu(y) if self.fused else None
         for block in self.res_blocks:
-            h = block(h, y)
-        return self.final_layer(h, y)
+            h = run_block(block, h, y, silu_y, checkpoint=self.checkpointing)
+        return self.final_layer(h, y, silu_y)
 
 
 class DiffusionLoss(nn.Module):
@@ -171,14 +207,20 @@ class DiffusionLoss(nn.Module):
 
     Each row (repeated ``batch_mul`` times) gets its own t ~ U{0..T-1} and eps ~ N(0, I).
     ``forward`` returns {"loss", "mse"} (+ "vb" with ``learn_sigma``), each a scalar mean.
+    ``precision``: "auto" computes in the inputs' dtype; "fp32" upcasts the inputs and turns
+    autocast off (the fused kernels then run only when the parameters are fp32 too).
     """
 
     def __init__(self, target_channels: int, z_channels: int, width: int = 1536,
                  depth: int = 6, num_timesteps: int = 1000, schedule: str = "cosine",
-                 learn_sigma: bool = True, batch_mul: int = 1, fused: bool = False):
+                 learn_sigma: bool = True, batch_mul: int = 1, fused: bool = False,
+                 precision: str = "auto", checkpointing: bool = False):
         super().__init__()
         if batch_mul < 1:
             raise ValueError(f"batch_mul must be >= 1, got {batch_mul}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
         self.target_channels = target_channels
         self.z_channels = z_channels
         self.learn_sigma = bool(learn_sigma)
@@ -186,13 +228,19 @@ class DiffusionLoss(nn.Module):
         out_channels = 2 * target_channels if learn_sigma else target_channels
         self.net = SimpleMLP(in_channels=target_channels, width=width,
                              out_channels=out_channels, z_channels=z_channels, depth=depth,
-                             fused=fused)
+                             fused=fused, checkpointing=checkpointing)
         self.diffusion = GaussianDiffusion(num_timesteps=num_timesteps, schedule=schedule,
                                            learn_sigma=learn_sigma)
 
     @property
     def num_timesteps(self) -> int:
         return self.diffusion.num_timesteps
+
+    def _compute(self, *tensors: torch.Tensor):
+        """(context, tensors) for the head: fp32 tensors and autocast off when precision is "fp32"."""
+        if self.precision != "fp32":
+            return contextlib.nullcontext(), tensors
+        return torch.autocast(tensors[0].device.type, enabled=False), tuple(t.float() for t in tensors)
 
     def sample_t_noise(self, target: torch.Tensor,
                        generator: Optional[torch.Generator] = None
@@ -212,12 +260,14 @@ class DiffusionLoss(nn.Module):
     def loss_given(self, z: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
                    noise: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Mean losses for already-repeated rows and a given (t, noise)."""
-        x_t = self.diffusion.q_sample(target, t, noise)
-        model_output = self.net(x_t, t, z)
-        losses = self.diffusion.training_losses(model_output, target, x_t, t, noise)
-        out = {"loss": losses["loss"].mean(), "mse": losses["mse"].mean()}
-        if "vb" in losses:
-            out["vb"] = losses["vb"].mean()
+        context, (z, target, noise) = self._compute(z, target, noise)
+        with context:
+            x_t = self.diffusion.q_sample(target, t, noise)
+            model_output = self.net(x_t, t, z)
+            losses = self.diffusion.training_losses(model_output, target, x_t, t, noise)
+            out = {"loss": losses["loss"].mean(), "mse": losses["mse"].mean()}
+            if "vb" in losses:
+                out["vb"] = losses["vb"].mean()
         return out
 
     def loss_given_seeds(self, z: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
@@ -231,18 +281,20 @@ class DiffusionLoss(nn.Module):
         from kernels.diffusion_noise import eps_mse_fused, q_sample_fused
 
         d = self.diffusion
-        x_t = q_sample_fused(target, t, seeds, d.sqrt_alphas_cumprod.to(target.device),
-                             d.sqrt_one_minus_alphas_cumprod.to(target.device))
-        model_output = self.net(x_t, t, z)
-        c = target.shape[1]
-        mse = eps_mse_fused(model_output[:, :c], seeds)
-        out = {"mse": mse.mean()}
-        if self.learn_sigma:
-            frozen = torch.cat([model_output[:, :c].detach(), model_output[:, c:]], dim=1)
-            out["vb"] = d.vb_terms_bpd(frozen, target, x_t, t).mean()
-            out["loss"] = out["mse"] + out["vb"]
-        else:
-            out["loss"] = out["mse"]
+        context, (z, target) = self._compute(z, target)
+        with context:
+            x_t = q_sample_fused(target, t, seeds, d.sqrt_alphas_cumprod.to(target.device),
+                                 d.sqrt_one_minus_alphas_cumprod.to(target.device))
+            model_output = self.net(x_t, t, z)
+            c = target.shape[1]
+            mse = eps_mse_fused(model_output[:, :c], seeds)
+            out = {"mse": mse.mean()}
+            if self.learn_sigma:
+                frozen = torch.cat([model_output[:, :c].detach(), model_output[:, c:]], dim=1)
+                out["vb"] = d.vb_terms_bpd(frozen, target, x_t, t).mean()
+                out["loss"] = out["mse"] + out["vb"]
+            else:
+                out["loss"] = out["mse"]
         return out
 
     def forward(self, z: torch.Tensor, target: torch.Tensor,
@@ -251,6 +303,7 @@ class DiffusionLoss(nn.Module):
             raise ValueError(f"expected z (M, {self.z_channels}) and target "
                              f"(M, {self.target_channels}); got {tuple(z.shape)}, "
                              f"{tuple(target.shape)}")
+        _, (z, target) = self._compute(z, target)  # fp32: the noise is drawn in fp32 too
         if self.batch_mul > 1:
             z = z.repeat(self.batch_mul, 1)
             target = target.repeat(self.batch_mul, 1)

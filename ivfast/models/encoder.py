@@ -10,6 +10,7 @@ from typing import List, NamedTuple, Sequence
 import torch
 import torch.nn as nn
 
+from ivfast.models.checkpointing import run_block
 from ivfast.models.layers import BLOCK_STYLES, Block, LayerScale, RMSNorm, count_parameters
 from ivfast.models.pos_embed import PositionTable
 from ivfast.models.token_ops import add_pos_and_gather
@@ -77,6 +78,7 @@ class VideoEncoder(nn.Module):
 
     Parameter names for the optimiser's no-decay rules: norms contain ``norm``, the position
     table is ``pos.table``, the CLS tokens are ``cls_token``, biases end in ``bias``.
+    ``checkpointing``: recompute each block in backward (``ivfast.models.checkpointing``).
     """
 
     def __init__(
@@ -98,9 +100,11 @@ class VideoEncoder(nn.Module):
         pos_learnable: bool = True,
         return_layers: Sequence[int] = (),
         fused: bool = False,
+        checkpointing: bool = False,
     ):
         super().__init__()
         self.fused = bool(fused)
+        self.checkpointing = bool(checkpointing)
         if block not in BLOCK_STYLES:
             raise ValueError(f"block must be one of {BLOCK_STYLES}, got {block!r}")
         if img_size % patch_size or num_frames % tubelet_size:
@@ -182,7 +186,7 @@ class VideoEncoder(nn.Module):
         x = self.embed(video, visible_idx)
         outs = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = run_block(blk, x, checkpoint=self.checkpointing)
             if i in self.return_layers:
                 outs.append(x)
         return EncoderOutput(tokens=x, layers=outs, num_cls=self.num_cls)

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from . import token_ops
 from .attention import attention
+from .checkpointing import run_block
 from .heads import MLPHead
 
 
@@ -107,7 +108,9 @@ class ModernBertLayer(nn.Module):
 
 class Predictor(nn.Module):
     """Input projection + ``depth`` ModernBERT layers with absolute ids
-    ``first_layer_id .. first_layer_id + depth - 1``; forward (B, N, in_dim) -> (B, N, width)."""
+    ``first_layer_id .. first_layer_id + depth - 1``; forward (B, N, in_dim) -> (B, N, width).
+
+    ``checkpointing``: recompute each layer in backward (``ivfast.models.checkpointing``)."""
 
     def __init__(
         self,
@@ -122,8 +125,10 @@ class Predictor(nn.Module):
         rope_theta_global: float = 160000.0,
         rope_theta_local: float = 10000.0,
         norm_eps: float = 1e-5,
+        checkpointing: bool = False,
     ):
         super().__init__()
+        self.checkpointing = bool(checkpointing)
         self.in_dim = in_dim
         self.width = width
         self.heads = heads
@@ -169,14 +174,15 @@ class Predictor(nn.Module):
             if layer.rope_theta not in tables:
                 tables[layer.rope_theta] = rope_tables(n, head_dim, layer.rope_theta, x.device)
             cos, sin = tables[layer.rope_theta]
-            x = layer(x, cos, sin)
+            x = run_block(layer, x, cos, sin, checkpoint=self.checkpointing)
         return x
 
 
-def predictor_from_config(p, in_dim: int) -> Predictor:
+def predictor_from_config(p, in_dim: int, checkpointing: bool = False) -> Predictor:
     """The predictor of a ``PredictorConfig`` over ``in_dim``-wide encoder tokens (Stages 1 and 2)."""
     return Predictor(in_dim=in_dim, width=p.width, depth=p.depth, heads=p.heads, mlp_hidden=p.mlp_hidden,
-                     window=p.window, global_every=p.global_every, first_layer_id=p.first_layer_id)
+                     window=p.window, global_every=p.global_every, first_layer_id=p.first_layer_id,
+                     checkpointing=checkpointing)
 
 
 def predict_masked(predictor: nn.Module, pos_table: torch.Tensor, mask_token: torch.Tensor, enc,

@@ -66,7 +66,7 @@ class Stage1Model(nn.Module):
             width=e.width, depth=e.depth, heads=e.heads, mlp_ratio=e.mlp_ratio, block=e.block,
             num_cls_tokens=e.num_cls_tokens, layer_scale_init=e.layer_scale_init, drop_path=e.drop_path,
             pos_learnable=e.pos_learnable, return_layers=student_return_layers(e.depth, a.num_layers),
-            fused=cfg.fused_kernels,
+            fused=cfg.fused_kernels, checkpointing="encoder" in cfg.checkpointing,
         )
         grid = self.encoder.grid
         teacher_width = cfg.teacher.width
@@ -82,7 +82,7 @@ class Stage1Model(nn.Module):
             self.mask_token = nn.Parameter(torch.zeros(e.width))
             nn.init.trunc_normal_(self.mask_token, std=0.02)
             self.predictor_pos = PositionTable(e.width, *grid, num_cls=e.num_cls_tokens, learnable=e.pos_learnable)
-            self.predictor = predictor_from_config(p, e.width)
+            self.predictor = predictor_from_config(p, e.width, checkpointing="predictor" in cfg.checkpointing)
             if p.init_weights:  # ModernBERT text weights for the predictor's layers (local file)
                 report = load_modernbert_predictor(self.predictor, p.init_weights)
                 log.info("predictor initialised from %s: %s", p.init_weights, report.summary())
@@ -93,6 +93,7 @@ class Stage1Model(nn.Module):
             self.diffloss = DiffusionLoss(
                 self.target_dim, p.width, width=d.width, depth=d.depth, num_timesteps=d.num_timesteps,
                 schedule=d.schedule, learn_sigma=d.learn_sigma, batch_mul=d.batch_mul, fused=cfg.fused_kernels,
+                precision=d.precision, checkpointing="diffusion" in cfg.checkpointing,
             )
 
     @property
@@ -125,6 +126,22 @@ class Stage1Model(nn.Module):
         loss_final = cosine_align_loss(final_pred, final_target.to(final_pred.dtype))
         return loss_layers, loss_final
 
+    def reconstruction_subset(self, masked_idx: torch.Tensor, rng: SampleRNG) -> torch.Tensor:
+        """The masked positions the diffusion loss sees: all, or per sample a random subset.
+
+        ``model.diffusion.reconstruction_ratio`` < 1: each sample keeps round(ratio * N_mask)
+        (at least 1) of its masked tokens, drawn from its ``diffusion_subset`` stream and kept
+        in ascending order; (B, N_mask) -> (B, N_keep). At 1 nothing is drawn.
+        """
+        ratio = self.cfg.diffusion.reconstruction_ratio
+        if self.recon != "diffusion" or ratio >= 1.0:
+            return masked_idx
+        m = masked_idx.shape[1]
+        keep = max(1, round(ratio * m))
+        scores = rng.rand("diffusion_subset", m)  # (B, N_mask): a random permutation per sample
+        chosen = scores.argsort(dim=1)[:, :keep].sort(dim=1).values.to(masked_idx.device)
+        return masked_idx.gather(1, chosen)
+
     def recon_loss(self, z, target, rng: SampleRNG) -> dict:
         if self.recon == "linear":
             return {"loss_recon": F.mse_loss(self.recon_head(z), target.to(z.dtype))}
@@ -152,10 +169,11 @@ class Stage1Model(nn.Module):
         out = {"loss_align_layers": loss_layers, "loss_align_final": loss_final}
         total = w[0] * loss_layers + w[1] * loss_final
         if self.recon != "none":
-            z = predict_masked(self.predictor, self.predictor_pos(), self.mask_token, enc, visible_idx, masked_idx,
-                               fused=self.cfg.fused_kernels)
-            target = token_ops.gather_tokens(patchify(video, self.patch, self.tubelet), masked_idx)
             rng = SampleRNG(sample_seeds.tolist(), video.device)
+            recon_idx = self.reconstruction_subset(masked_idx, rng)
+            z = predict_masked(self.predictor, self.predictor_pos(), self.mask_token, enc, visible_idx, recon_idx,
+                               fused=self.cfg.fused_kernels)
+            target = token_ops.gather_tokens(patchify(video, self.patch, self.tubelet), recon_idx)
             out.update(self.recon_loss(z, target, rng))
             total = total + w[2] * out["loss_recon"]
         out["loss"] = total

@@ -44,13 +44,14 @@ STUDENT_PREFIXES = ("encoder.", "predictor.", "predictor_pos.")
 STUDENT_KEYS = ("mask_token",)
 
 
-def _encoder(cfg: ModelConfig, num_frames: int, img_size: int, drop_path: float) -> VideoEncoder:
+def _encoder(cfg: ModelConfig, num_frames: int, img_size: int, drop_path: float,
+             checkpointing: bool = False) -> VideoEncoder:
     e = cfg.encoder
     return VideoEncoder(
         img_size=img_size, patch_size=e.patch_size, num_frames=num_frames, tubelet_size=e.tubelet_size,
         width=e.width, depth=e.depth, heads=e.heads, mlp_ratio=e.mlp_ratio, block=e.block,
         num_cls_tokens=e.num_cls_tokens, layer_scale_init=e.layer_scale_init, drop_path=drop_path,
-        pos_learnable=e.pos_learnable, fused=cfg.fused_kernels,
+        pos_learnable=e.pos_learnable, fused=cfg.fused_kernels, checkpointing=checkpointing,
     )
 
 
@@ -66,18 +67,20 @@ class LoadReport:
 
 
 class Stage2Model(nn.Module):
-    """Student encoder + predictor + head, and the teacher (a frozen copy of the encoder)."""
+    """Student encoder + predictor + head, and the teacher (a frozen copy of the encoder).
+
+    ``model.checkpointing`` ("encoder", "predictor") applies to the student; the teacher runs without autograd."""
 
     def __init__(self, cfg: ModelConfig, num_frames: int, img_size: int):
         super().__init__()
         e, p = cfg.encoder, cfg.predictor
         self.cfg = cfg
-        self.encoder = _encoder(cfg, num_frames, img_size, e.drop_path)
+        self.encoder = _encoder(cfg, num_frames, img_size, e.drop_path, checkpointing="encoder" in cfg.checkpointing)
         grid = self.encoder.grid
         self.mask_token = nn.Parameter(torch.zeros(e.width))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.predictor_pos = PositionTable(e.width, *grid, num_cls=e.num_cls_tokens, learnable=e.pos_learnable)
-        self.predictor = predictor_from_config(p, e.width)
+        self.predictor = predictor_from_config(p, e.width, checkpointing="predictor" in cfg.checkpointing)
         self.head = MLPHead(p.width, e.width, l2=True)
         self.teacher = _encoder(cfg, num_frames, img_size, 0.0)
         self.teacher.requires_grad_(False)

@@ -1,4 +1,8 @@
-"""Process-group set-up for one process, the DeepSpeed launcher, torchrun or mp.spawn; CPU or GPU."""
+"""Process-group set-up for one process, the DeepSpeed launcher, torchrun or mp.spawn; CPU or GPU.
+
+Also the CUDA caching allocator's settings (``train.allocator``), which must be in the
+environment before CUDA starts: :func:`configure_allocator`, called by ``ivfast/train.py``.
+"""
 from __future__ import annotations
 
 import importlib
@@ -19,6 +23,32 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+ALLOC_ENV = "PYTORCH_CUDA_ALLOC_CONF"
+# torch also reads this device-generic name, and prefers it when both are set.
+ALLOC_ENV_GENERIC = "PYTORCH_ALLOC_CONF"
+
+
+def configure_allocator(conf: str, environ=None) -> str:
+    """Put ``conf`` (``train.allocator``) into ``PYTORCH_CUDA_ALLOC_CONF`` unless the
+    environment already sets the allocator; returns one line for the log ("" if nothing is set).
+
+    Has an effect only before CUDA is initialised (torch reads the variable once).
+    ``environ``: the mapping to use (default ``os.environ``).
+    """
+    env = os.environ if environ is None else environ
+    given = [(k, env[k]) for k in (ALLOC_ENV_GENERIC, ALLOC_ENV) if env.get(k)]
+    if given:
+        name, value = given[0]
+        if conf and value != conf:
+            return f"allocator: {name}={value} from the environment wins over train.allocator={conf}"
+        return f"allocator: {name}={value} (from the environment)"
+    if not conf:
+        return ""
+    env[ALLOC_ENV] = conf
+    late = " -- too late for this process: CUDA is already initialised" if torch.cuda.is_initialized() else ""
+    return f"allocator: {ALLOC_ENV}={conf} (train.allocator){late}"
 
 
 def _free_port() -> int:

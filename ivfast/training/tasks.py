@@ -14,8 +14,16 @@ import torch
 
 from ivfast.config import Config
 from ivfast.models.sample_rng import SampleRNG
+from ivfast.memory.tracker import phase
 
 log = logging.getLogger("ivfast.train")
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def teacher_dtype(precision: str, train_dtype: torch.dtype) -> torch.dtype:
+    """The frozen Stage-1 teacher's dtype for ``model.teacher.precision`` ("auto": the training dtype)."""
+    return train_dtype if precision == "auto" else _DTYPES[precision]
 
 
 class Stage1Task:
@@ -30,7 +38,10 @@ class Stage1Task:
         self.loss_names = self.model.loss_names
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
-        self.teacher.to(device, dtype)
+        """The teacher to ``device``, in ``model.teacher.precision`` (it always runs under no_grad)."""
+        t_dtype = teacher_dtype(self.cfg.model.teacher.precision, dtype)
+        self.teacher.to(device, t_dtype)
+        log.info("teacher: %s on %s, no grad", str(t_dtype).replace("torch.", ""), device)
 
     def frozen_params(self) -> int:
         return sum(p.numel() for p in self.teacher.parameters())
@@ -39,7 +50,8 @@ class Stage1Task:
         from ivfast.models.stage1 import make_mask, run_teacher
 
         cfg = self.cfg.model
-        tout = run_teacher(self.teacher, video, cfg.teacher.img_size)
+        with phase(getattr(self, "tracker", None), "teacher"):
+            tout = run_teacher(self.teacher, video, cfg.teacher.img_size)
         mask = make_mask(cfg, rng, self.model.encoder.grid, tout.saliency)
         seeds = torch.tensor(rng.seeds, dtype=torch.int64, device=video.device)
         video_in = video.to(next(engine.module.parameters()).dtype)

@@ -21,6 +21,7 @@ from ivfast.data.loader import build_dataset, build_loader
 from ivfast.models.sample_rng import SampleRNG, _mix
 from ivfast.training import checkpoint, distributed
 from ivfast.training.ds_config import deepspeed_config
+from ivfast.memory.tracker import PhaseTracker, phase, watch_stage1
 from ivfast.training.metrics import MetricsWriter, Progress, peak_memory_mb
 from ivfast.training.optim import LRSchedule, build_optimizer
 from ivfast.training.tasks import build_task
@@ -76,8 +77,12 @@ def train(cfg: Config) -> dict:
     task = build_task(cfg)
     model = task.model
     task.to(dist.device, torch.bfloat16 if bf16 else torch.float32)
+    task.tracker = PhaseTracker.for_device(dist.device)  # peaks per phase on the logged steps (CUDA)
+    if cfg.model.stage == 1:
+        watch_stage1(task.tracker, model)
     dataset = build_dataset(cfg)
-    loader, sampler = build_loader(cfg, dataset, dist.rank, dist.world, pin_memory=device_kind == "cuda")
+    loader, sampler = build_loader(cfg, dataset, dist.rank, dist.world, pin_memory=device_kind == "cuda",
+                                   dtype=torch.bfloat16 if bf16 else torch.float32)
 
     ga = cfg.train.grad_accum
     steps_per_epoch = len(sampler) // ga
@@ -179,6 +184,7 @@ class _StepAccumulator:
         self.micro = 0
         self.clips = 0
         self.grad_norm = None
+        self.phase_peaks: dict[str, float] = {}
 
     def add(self, result: dict) -> None:
         self.micro += 1
@@ -187,15 +193,19 @@ class _StepAccumulator:
             self.sums[k] = self.sums.get(k, 0.0) + v
         if result.get("grad_norm") is not None:
             self.grad_norm = result["grad_norm"]
+        for k, v in result.get("mem", {}).items():
+            self.phase_peaks[k] = max(self.phase_peaks.get(k, 0.0), v)
 
     def record(self, state: dict, step_time: float, engine, device) -> dict:
         losses = {k: v / max(1, self.micro) for k, v in self.sums.items()}
         rec = {"step": state["step"], "epoch": state["epoch"], **losses,
                "lr": engine.optimizer.param_groups[0]["lr"], "grad_norm": self.grad_norm,
                "step_time": step_time, "data_time": self.data_time,
+               "data_share": self.data_time / step_time if step_time > 0 else None,
                "clips_per_s": self.clips / step_time if step_time > 0 else None,
                "skipped_steps": state["skipped_steps"], "bad_videos": state["bad_videos"]}
         rec.update(peak_memory_mb(device))
+        rec.update(self.phase_peaks)
         return rec
 
 
@@ -212,10 +222,14 @@ def _micro_step(engine, task, batch, cfg: Config, dist, state: dict, stop: StopR
     torch.manual_seed(_mix(cfg.train.seed, position, dist.rank))
     keys = task.loss_names
     out = None
+    tracker = getattr(task, "tracker", None)
+    if tracker is not None:  # on the steps that get logged
+        tracker.set_active(dist.is_main and (state["step"] + 1) % cfg.train.log_every == 0)
     if n_good:
         video = video.to(dist.device, non_blocking=True)
         rng = SampleRNG.for_step(cfg.train.seed, position, batch["index"].tolist(), dist.device)
-        out = task.forward(engine, video, rng)
+        with phase(tracker, "forward"):
+            out = task.forward(engine, video, rng)
     # One all-reduce: loss components (summed), counts, stop request.
     n_keys = len(keys)
     vec = torch.zeros(n_keys + 4, dtype=torch.float64, device=dist.device)
@@ -238,9 +252,13 @@ def _micro_step(engine, task, batch, cfg: Config, dist, state: dict, stop: StopR
     if boundary:
         for group in engine.optimizer.param_groups:
             group["lr"] = schedule.lr(state["step"])
-    engine.backward(out["loss"])
+    with phase(tracker, "backward"):
+        engine.backward(out["loss"])
     grad_norm = _manual_grad_norm(engine) if boundary and engine.zero_optimization_stage() == 0 else None
-    engine.step()
+    with phase(tracker, "optimizer step"):
+        engine.step()
+    if tracker is not None:
+        result["mem"] = tracker.record()
     if boundary:
         task.after_step(engine)
         gn = engine.get_global_grad_norm() if grad_norm is None else grad_norm

@@ -1,0 +1,346 @@
+"""Analytic GPU memory of one Stage-1 training step, per component, for two ways of running.
+
+Bytes are modelled, not measured: static memory from the exact parameter counts
+(:mod:`ivfast.memory.params`) and the DeepSpeed ZeRO layout; activations (what autograd
+saves for backward) from per-layer formulas that follow the modules in ``ivfast/models``
+op by op; transients from the largest working set of a phase. The formulas are checked on
+the CPU against :mod:`ivfast.memory.saved_tensors` (tests/test_memory_model.py).
+
+Two presets:
+
+- :func:`release_way`: how the authors' release runs the step (read from its
+  ``engine_for_stage1.py``, ``InternVideo_next_s1.py``, ``siglip_teacher.py``, ``utils.py``
+  and ``exp/base/pretrain/stage1.sh``): DeepSpeed bf16, ZeRO-1 with ``reduce_bucket_size``
+  5e8 (a bf16 gradient bucket of 1 GB), no activation checkpointing, no fused kernels (the
+  issue's definition), flash attention in the student (encoder flash-attn, predictor
+  ModernBERT FA2: O(N) saved), the teacher kept in fp32 (loaded by ``from_pretrained``
+  without a dtype) and run under bf16 autocast with eager attention (B*T*heads*L*L scores
+  in bf16 and their softmax in fp32); under autocast its residual stream, hence the six
+  returned layers, are fp32, and the engine keeps those full-token fp32 layers alive for
+  the whole step; the diffusion head runs under ``autocast(dtype=float32)``: fp32
+  activations (and fp32 copies of its weights).
+- :func:`ivfast_way`: ivfast's settings from the config: bf16 activations, flash-class
+  attention (O(N) saved) everywhere, the fused kernels of ``model.fused_kernels``, the
+  teacher in ``model.teacher.precision`` (auto: bf16), its outputs in that dtype, the
+  diffusion head in ``model.diffusion.precision`` (auto: bf16), activation checkpointing
+  per module from ``model.checkpointing``, diffusion tokens scaled by
+  ``model.diffusion.reconstruction_ratio``.
+
+Assumptions (the same for both ways and every row; they are printed in the report):
+
+- peak = static + max(teacher phase, forward end / backward start, optimiser step);
+  forward end = activations + live teacher outputs + the largest transient of the
+  forward; a transient is one layer's working set (MLP hidden, attention scores, the
+  loss's temporaries), never two at once.
+- static = bf16 weights + gradients + fp32 master weights + two fp32 Adam moments, split
+  across ``world`` ranks as ZeRO does (stage 1: optimiser states; 2: + gradients; 3: +
+  weights), + the ZeRO gradient bucket (``reduce_bucket_size`` elements of bf16 for
+  stages 1-2 with contiguous gradients) + the frozen teacher weights. The optimiser step
+  adds an fp32 copy of the gradient partition.
+- the CUDA context and library workspaces are not seen by torch's allocator; the report
+  adds ``CUDA_CONTEXT_GIB`` to compare with a figure read from nvidia-smi. No
+  fragmentation factor is used (the release sets ``expandable_segments:True``).
+- the mask keeps ``L - int(L * ratio)`` tokens per frame; the diffusion head sees every
+  masked token (the release ignores ``reconstruction_ratio``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ivfast.config import Config
+from ivfast.memory.params import ParamCounts, count_params
+
+GIB = 2**30
+CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS/cuDNN workspaces on an A100/H100, outside torch's allocator
+VB_TENSORS = 17  # (M, C) tensors the learned-sigma variational-bound loss saves (op graph of vb_terms_bpd)
+
+
+@dataclass
+class Way:
+    """How a step runs, as far as memory goes."""
+
+    name: str
+    act_bytes: int = 2  # student activations: 2 bf16, 4 fp32
+    attention: str = "flash"  # "math": B*H*N*N probabilities saved; otherwise O(N) (flash, sdpa, flex)
+    fused: bool = False
+    diffusion_bytes: int = 2
+    teacher_param_bytes: int = 2
+    teacher_stream_bytes: int = 2  # the teacher's residual stream and returned layers
+    teacher_eager: bool = False  # scores materialised in the teacher (no_grad transient)
+    checkpointing: tuple = ()
+    reconstruction_ratio: float = 1.0
+    grad_bucket: bool = True
+
+
+@dataclass
+class Shapes:
+    batch: int
+    frames: int
+    grid: int  # patches per frame
+    visible: int  # visible tokens per sample
+    masked: int  # masked tokens per sample
+    cls: int
+    teacher_tokens: int  # per frame
+
+
+def shapes(cfg: Config) -> Shapes:
+    e, d, t = cfg.model.encoder, cfg.data, cfg.model.teacher
+    frames = d.num_frames // e.tubelet_size
+    grid = (d.img_size // e.patch_size) ** 2
+    vis = grid - int(grid * cfg.model.mask_ratio)
+    return Shapes(d.batch_size, frames, grid, frames * vis, frames * (grid - vis), e.num_cls_tokens,
+                  (t.img_size // t.patch_size) ** 2)
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes of one step on one rank; ``activations`` and ``static`` are per component."""
+
+    way: str
+    static: dict[str, float] = field(default_factory=dict)
+    activations: dict[str, float] = field(default_factory=dict)
+    teacher_outputs: float = 0.0
+    transients: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)
+    params: ParamCounts | None = None
+
+    @property
+    def peak(self) -> float:
+        return max(self.phases.values())
+
+    def gib(self, with_context: bool = True) -> float:
+        return self.peak / GIB + (CUDA_CONTEXT_GIB if with_context else 0.0)
+
+
+# ----------------------------------------------------------------------------- static
+
+
+def static_bytes(trainable: int, zero_stage: int, world: int, bucket_elems: int, bf16: bool = True) -> dict:
+    """DeepSpeed's per-rank bytes for ``trainable`` parameters (AdamW): weights, gradients,
+    fp32 master + moments, the gradient bucket, and the optimiser step's fp32 gradient copy."""
+    w = max(1, world)
+    lo = 2 if bf16 else 4
+    part = lambda stage: w if zero_stage >= stage else 1  # noqa: E731
+    out = {
+        "weights": trainable * lo / part(3),
+        "gradients": trainable * lo / part(2),
+        "optimizer states": trainable * (12 if bf16 else 8) / part(1),
+    }
+    if zero_stage == 0 and bf16:  # BF16_Optimizer: fp32 gradient accumulators
+        out["gradients"] += trainable * 4
+    if zero_stage in (1, 2) and bucket_elems:
+        out["gradient bucket"] = min(bucket_elems, trainable) * lo if zero_stage == 2 else bucket_elems * lo
+    out["step: fp32 gradient partition"] = trainable * 4 / part(1) if bf16 else 0.0
+    return out
+
+
+# ----------------------------------------------------------------------------- activations per token
+
+
+def rmsnorm(width: int, a: int, fused: bool) -> float:
+    """RMSNorm on an input that needs grad: the fp32 input (or its fp32 copy), x*rstd, rstd.
+    Fused kernel: the input and rstd."""
+    return width * a + 4 if fused else 8 * width + 4
+
+
+def encoder_block(d: int, heads: int, hidden: int, n: int, a: int, attention: str, fused: bool) -> float:
+    """Saved bytes per token of one release-style block (n tokens per sequence): two
+    RMSNorms, the qkv input, QK-norm, attention, the two fp32 LayerScale inputs, the MLP."""
+    if fused:  # the kernel keeps q, k (views: the whole qkv output) and rstd
+        qk, qkv_kept = 3 * a * d + 8, True
+    elif a == 4:  # fp32: x is q itself (a view: the whole qkv output), + x*rstd
+        qk, qkv_kept = 12 * d + 8 * d + 8, True
+    else:  # fp32 copies of q, k + x*rstd
+        qk, qkv_kept = 16 * d + 8, False
+    if attention == "math":  # contiguous fp32 q, k, v for the matmuls, the probabilities, proj input
+        attn = 12 * d + 4 * heads * n + a * d
+    else:  # q, k, v (v a view of qkv), out (= proj input), logsumexp
+        attn = 2 * a * d + (0 if qkv_kept else 3 * a * d) + a * d + 4 * heads
+    return 2 * rmsnorm(d, a, fused) + a * d + qk + attn + 8 * d + a * d + 2 * a * hidden
+
+
+def encoder_embed(patch_dim: int, d: int, a: int, fused: bool) -> float:
+    """Per patch token (all tokens, before the gather): RMSNorm on the pixels (no grad: x*rstd),
+    the projection input, RMSNorm on its output."""
+    if fused:
+        return a * patch_dim + 4 + a * patch_dim + rmsnorm(d, a, True)
+    return 4 * patch_dim + a * patch_dim + rmsnorm(d, a, False)
+
+
+def align_head(d: int, tw: int, a: int) -> float:
+    """Per visible token of one head: 3 MLP inputs, LayerNorm input + stats, its output
+    (l2 normalise), the fp32 target the cosine loss keeps."""
+    return 3 * a * d + a * tw + 8 + a * tw + 4 * tw + 3 * a
+
+
+def pool(d: int, heads: int, a: int, attention: str) -> float:
+    """Per encoder token: the LayerNorm input and stats, k/v Linear inputs, attention's k, v."""
+    kv = 8 * d + 4 * heads if attention == "math" else 2 * a * d
+    return a * d + 16 + 2 * a * d + kv
+
+
+def predictor_layer(w: int, heads: int, hidden: int, n: int, window: int | None, a: int, attention: str) -> float:
+    """Per token of one ModernBERT layer (window: keys seen per query, None = global)."""
+    del window  # flash-class attention saves O(N) either way; math keeps full N x N probabilities
+    if attention == "math":
+        attn = 12 * w + 4 * heads * n + a * w
+    else:
+        attn = 2 * a * w + 3 * a * w + a * w + 4 * heads
+    return a * w + 8 + a * w + attn + a * w + 8 + a * w + 4 * a * hidden
+
+
+def predictor_in(d: int, w: int, a: int) -> float:
+    """Per token: the scattered sequence (mask tokens + visible tokens), the input projection
+    MLP (fc1, GELU, fc2 inputs, LayerNorm input + stats)."""
+    return a * d + 3 * a * d + a * w + 8
+
+
+def diffusion_rows(w: int, z: int, c: int, cout: int, depth: int, d: int, a: int, fused: bool,
+                   learn_sigma: bool) -> dict:
+    """Per diffusion row: embeddings, the adaLN blocks, the final layer, the losses."""
+    del a
+    embed = 256 * d + 2 * w * d + z * d + w * d + c * d  # t MLP inputs, z, y (SiLU input), x_t
+    if fused:
+        blocks = depth * (6 * w * d + 8) + w * d  # x, mod (3W), a, h per block + SiLU(y) once
+        final = 3 * w * d + 8
+        loss = cout * d  # the eps-MSE kernel keeps the model output
+    else:  # per block: SiLU(y), x, LN(x), 1 + scale, modulated, fc1 out, SiLU out, h, mod (3W)
+        blocks = depth * (11 * w * d + 8)
+        final = 5 * w * d + 8
+        loss = 4 * c  # eps_hat - eps
+    if learn_sigma:
+        loss += VB_TENSORS * c * d + 2 * c
+    return {"embed": embed, "blocks": blocks, "final": final, "loss": loss}
+
+
+# ----------------------------------------------------------------------------- the whole step
+
+
+def _ckpt(name: str, way: Way) -> bool:
+    return name in way.checkpointing
+
+
+def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 1,
+             params: ParamCounts | None = None) -> MemoryEstimate:
+    """Bytes of one Stage-1 training step of ``cfg`` run ``way`` on each of ``world`` ranks."""
+    m, e, t = cfg.model, cfg.model.encoder, cfg.model.teacher
+    zero = cfg.deepspeed.zero_stage if zero_stage is None else zero_stage
+    s = shapes(cfg)
+    a, B = way.act_bytes, s.batch
+    params = params or count_params(cfg)
+    est = MemoryEstimate(way=way.name, params=params)
+
+    # static
+    bucket = cfg.deepspeed.reduce_bucket_size if (way.grad_bucket and cfg.deepspeed.contiguous_gradients) else 0
+    st = static_bytes(params.total_trainable, zero, world, bucket)
+    step_extra = st.pop("step: fp32 gradient partition")
+    est.static = dict(st)
+    est.static["teacher weights"] = params.teacher * way.teacher_param_bytes
+    static = sum(est.static.values())
+
+    # activations
+    n_enc = s.cls + s.visible
+    hidden = int(e.width * e.mlp_ratio)
+    block = encoder_block(e.width, e.heads, hidden, n_enc, a, way.attention, way.fused) * B * n_enc
+    embed = encoder_embed(3 * e.tubelet_size * e.patch_size ** 2, e.width, a, way.fused) * B * s.frames * s.grid
+    acts, trans = {}, {}
+    if _ckpt("encoder", way):
+        acts["encoder"] = embed + e.depth * a * e.width * B * n_enc
+        trans["encoder recompute (one block)"] = block
+    else:
+        acts["encoder"] = embed + e.depth * block
+    acts["align heads"] = (m.align.num_layers * align_head(e.width, t.width, a) * B * s.visible
+                           + pool(e.width, m.align.pool_heads, a, way.attention) * B * n_enc)
+    rows = 0
+    if m.recon != "none":
+        p = m.predictor
+        n_p = s.cls + s.frames * s.grid
+        ids = [p.first_layer_id + i for i in range(p.depth)]
+        layers = [predictor_layer(p.width, p.heads, p.mlp_hidden, n_p, None if i % p.global_every == 0 else p.window // 2,
+                                  a, way.attention) * B * n_p for i in ids]
+        pin = predictor_in(e.width, p.width, a) * B * n_p
+        if _ckpt("predictor", way):
+            acts["predictor"] = pin + p.depth * a * p.width * B * n_p
+            trans["predictor recompute (one layer)"] = max(layers)
+        else:
+            acts["predictor"] = pin + sum(layers)
+        c = 3 * e.tubelet_size * e.patch_size ** 2
+        if m.recon == "linear":
+            acts["linear head"] = (a * p.width + 2 * a * c) * B * s.masked
+        else:
+            dcfg = m.diffusion
+            rows = B * s.masked * dcfg.batch_mul * way.reconstruction_ratio
+            cout = 2 * c if dcfg.learn_sigma else c
+            parts = diffusion_rows(dcfg.width, p.width, c, cout, dcfg.depth, way.diffusion_bytes, a, way.fused,
+                                   dcfg.learn_sigma)
+            if _ckpt("diffusion", way):
+                blocks = dcfg.depth * way.diffusion_bytes * dcfg.width * rows
+                trans["diffusion recompute (one block)"] = parts["blocks"] / dcfg.depth * rows
+            else:
+                blocks = parts["blocks"] * rows
+            acts["diffusion head"] = (parts["embed"] + parts["final"] + parts["loss"]) * rows + blocks
+            # fp32 copies of the head's weights when it runs in fp32 with bf16 weights
+            if way.diffusion_bytes > a:
+                acts["diffusion head"] += params.trainable.get("diffusion head", 0) * (way.diffusion_bytes - a)
+    est.activations = acts
+
+    # transients of the forward: the largest single working set
+    enc_attn = 0 if way.attention != "math" else 8 * e.heads * n_enc * n_enc * B  # scores + probabilities
+    trans["encoder MLP / attention"] = max(2 * a * hidden * B * n_enc, enc_attn)
+    if m.recon != "none":
+        p = m.predictor
+        n_p = s.cls + s.frames * s.grid
+        attn = 8 * p.heads * n_p * n_p * B if way.attention == "math" else 0
+        trans["predictor MLP / attention"] = max(4 * a * p.mlp_hidden * B * n_p, attn)
+    if rows:
+        d = way.diffusion_bytes
+        trans["diffusion layer"] = 4 * m.diffusion.width * d * rows
+    est.transients = trans
+
+    # the teacher: outputs alive through the student forward, and its own working set
+    bt, L, tw = B * s.frames, s.teacher_tokens, t.width
+    k = m.align.num_layers
+    tb = way.teacher_stream_bytes
+    est.teacher_outputs = k * bt * L * tw * tb
+    if tb == 4:  # the release also keeps the visible-token fp32 targets it gathers
+        est.teacher_outputs += k * B * s.visible * tw * 4
+    compute = min(tb, 2)
+    if way.teacher_eager:
+        scores = bt * t.heads * L * L * (compute + 4 + compute)  # bf16 scores, fp32 softmax, bf16 probabilities
+    else:
+        scores = bt * t.heads * L * 4 * 2
+    layer_ws = max(bt * L * (2 * tb * tw + 3 * compute * tw) + scores,  # x, LN(x), q, k, v + scores
+                   bt * L * (tb * tw + 2 * compute * t.mlp_dim))  # x + MLP hidden and its GELU
+    stack = 3 * k * bt * L * tw * tb  # kept layers + their normalised copies + the stack
+    teacher_phase = static + max(k * bt * L * tw * tb + layer_ws, stack)
+
+    act_total = sum(acts.values())
+    est.phases = {
+        "teacher forward": teacher_phase,
+        "forward end / backward": static + act_total + est.teacher_outputs + max(trans.values()),
+        "optimizer step": static + step_extra,
+    }
+    return est
+
+
+def _get(obj, name: str, default):
+    return getattr(obj, name, default) if obj is not None else default
+
+
+def release_way(cfg: Config) -> Way:
+    """The release's way of running ``cfg`` (see the module docstring)."""
+    return Way("release", act_bytes=2, attention="flash", fused=False, diffusion_bytes=4, teacher_param_bytes=4,
+               teacher_stream_bytes=4, teacher_eager=True, checkpointing=(), reconstruction_ratio=1.0)
+
+
+def ivfast_way(cfg: Config, checkpointing=None) -> Way:
+    """ivfast's way from the config; ``checkpointing`` overrides ``model.checkpointing``."""
+    m = cfg.model
+    tp = _get(m.teacher, "precision", "auto")
+    dp = _get(m.diffusion, "precision", "auto")
+    ck = tuple(_get(m, "checkpointing", []) if checkpointing is None else checkpointing)
+    return Way("ivfast" + (" + checkpointing" if ck else ""), act_bytes=2, attention="flash",
+               fused=bool(m.fused_kernels), diffusion_bytes=4 if dp == "fp32" else 2,
+               teacher_param_bytes=4 if tp == "fp32" else 2, teacher_stream_bytes=4 if tp == "fp32" else 2,
+               teacher_eager=m.attention == "math", checkpointing=ck,
+               reconstruction_ratio=float(_get(m.diffusion, "reconstruction_ratio", 1.0)))

@@ -1,0 +1,132 @@
+"""Bytes saved for backward, measured: the CPU check of the analytic activation formulas.
+
+:func:`saved_bytes` runs a callable inside ``torch.autograd.graph.saved_tensors_hooks`` and
+sums, once per storage (``untyped_storage().data_ptr()``), the storage sizes of the tensors
+autograd keeps for backward. Parameter storages (static memory, not activations) and any
+``exclude`` storages are left out; a saved view counts its whole storage, because the view
+keeps it alive. :func:`measure_stage1` does this for one forward of the real
+``Stage1Model`` per component (forward hooks attribute each saved tensor to the component
+whose forward is running), on the CPU at small sizes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class SavedBytes:
+    """``total``: deduplicated saved bytes; ``by_component``: the same split by component
+    (a storage counts for the component that first saved it)."""
+
+    total: int = 0
+    by_component: dict[str, int] = field(default_factory=dict)
+
+
+class _Recorder:
+    def __init__(self, skip: set):
+        self.skip = skip
+        self.seen: dict[int, int] = {}
+        self.stack: list[str] = ["other"]
+        self.result = SavedBytes()
+
+    def pack(self, t: torch.Tensor):
+        s = t.untyped_storage()
+        ptr = s.data_ptr()
+        if ptr and ptr not in self.skip and ptr not in self.seen:
+            self.seen[ptr] = s.nbytes()
+            comp = self.stack[-1]
+            self.result.total += s.nbytes()
+            self.result.by_component[comp] = self.result.by_component.get(comp, 0) + s.nbytes()
+        return t
+
+    @staticmethod
+    def unpack(t):
+        return t
+
+
+def _storage_ptrs(tensors: Iterable[torch.Tensor]) -> set:
+    return {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
+
+
+def saved_bytes(fn: Callable[[], object], params: Iterable[torch.Tensor] = (), exclude: Iterable[torch.Tensor] = (),
+                components: dict[str, nn.Module] | None = None) -> tuple[SavedBytes, object]:
+    """Run ``fn()`` and measure what autograd saved; returns (SavedBytes, fn's result).
+
+    ``components``: name -> module; a tensor saved while that module's forward runs is
+    attributed to it (innermost wins), anything else to ``"other"``.
+    """
+    rec = _Recorder(_storage_ptrs(params) | _storage_ptrs(exclude))
+    handles = []
+    for name, mod in (components or {}).items():
+        handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: rec.stack.append(n) and None))
+        handles.append(mod.register_forward_hook(lambda m, a, o: rec.stack.pop() and None))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
+            out = fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return rec.result, out
+
+
+def _wrap_method(obj, name: str, label: str, rec: "_Recorder") -> None:
+    """Attribute what ``obj.name(...)`` saves to ``label`` (an instance attribute shadows the method)."""
+    fn = getattr(obj, name)
+
+    def wrapped(*args, **kwargs):
+        rec.stack.append(label)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            rec.stack.pop()
+
+    setattr(obj, name, wrapped)
+
+
+def measure_stage1(cfg, dtype: torch.dtype = torch.float32, attention: str = "math", seed: int = 0) -> SavedBytes:
+    """One training-mode forward of the real ``Stage1Model`` on the CPU (random video, a real
+    teacher for targets and the mask); saved bytes per component.
+
+    ``attention`` selects the backend for the student (``math`` or ``sdpa``). Teacher outputs
+    and the video are inputs (excluded); the per-head alignment work counts as ``align heads``.
+    """
+    from ivfast.models.attention import use_backend
+    from ivfast.models.sample_rng import SampleRNG
+    from ivfast.models.stage1 import build_stage1, build_teacher, make_mask, run_teacher
+
+    torch.manual_seed(seed)
+    model = build_stage1(cfg).to(dtype).train()
+    teacher = build_teacher(cfg.model, cfg.data.num_frames).to(dtype)
+    d = cfg.data
+    video = torch.randn(d.batch_size, 3, d.num_frames, d.img_size, d.img_size)
+    rng = SampleRNG.for_step(seed, 0, list(range(d.batch_size)), torch.device("cpu"))
+    with use_backend("math"):
+        tout = run_teacher(teacher, video, cfg.model.teacher.img_size)
+    mask = make_mask(cfg.model, rng, model.encoder.grid, tout.saliency)
+    seeds = torch.tensor(rng.seeds, dtype=torch.int64)
+    video_in = video.to(dtype)
+    args = (video_in, mask.visible_idx, mask.masked_idx, tout.layers, tout.pooled, seeds)
+    rec = _Recorder(_storage_ptrs(model.parameters()) | _storage_ptrs(args))
+    # components: the alignment losses (heads, pool, final head), the recon loss (linear
+    # or diffusion head with its loss), the encoder and the predictor modules
+    _wrap_method(model, "align_losses", "align heads", rec)
+    _wrap_method(model, "recon_loss", "linear head" if cfg.model.recon == "linear" else "diffusion head", rec)
+    mods = {"encoder": model.encoder}
+    if hasattr(model, "predictor"):
+        mods["predictor"] = model.predictor
+    handles = []
+    for name, mod in mods.items():
+        handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: rec.stack.append(n) and None))
+        handles.append(mod.register_forward_hook(lambda m, a, o: rec.stack.pop() and None))
+    try:
+        with use_backend(attention), torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    return rec.result
+
