@@ -10,3 +10,35 @@ def test_profile_step_runs_on_the_tiny_config(capsys):
     assert main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--steps", "1"]) == 0
     out = capsys.readouterr().out
     assert "aten::" in out and " ms " in out
+
+
+def test_step_benchmark_runs_both_ways_on_the_tiny_config(capsys):
+    """benchmarks/step.py (issue 9's GPU measurement) runs here at a tiny size: the release's way
+    and ivfast's, each row with throughput, a FLOP count and a step-time split summing to 100 %."""
+    from benchmarks.step import WAYS, main
+
+    assert "model.attention=math" in WAYS["release"] and WAYS["ivfast"] == []
+    assert main(["--configs", "configs/tiny.yaml", "--ways", "release", "ivfast", "--steps", "1", "--warmup", "1"]) == 0
+    rows = [dict(kv.split("=", 1) for kv in line.split()) for line in capsys.readouterr().out.splitlines()
+            if line.startswith("config=")]
+    assert [r["way"] for r in rows] == ["release", "ivfast"]
+    for r in rows:
+        assert float(r["clips_per_s"]) > 0 and float(r["tflops_per_step"]) > 0
+        split = [float(r[f"{p}_pct"]) for p in ("data", "teacher", "student_forward", "backward", "optimizer")]
+        assert abs(sum(split) - 100) < 0.5
+
+
+def test_peak_tflops_lookup():
+    from benchmarks.step import peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("Some Future GPU") is None
+
+
+def test_gpu_check_script_parses():
+    import subprocess
+
+    for script in ("gpu_check.sh", "gpu_wheels.sh"):
+        subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", script)], check=True)

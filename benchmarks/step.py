@@ -1,0 +1,295 @@
+"""Time a full Stage-1 training step three ways: the release's way, ivfast, ivfast compiled.
+
+    python benchmarks/step.py                       # the three variants x (B, L), batch 16, 16 frames, mask 0.8
+    python benchmarks/step.py --configs configs/stage1_b_diffusion.yaml --ways release ivfast
+    python benchmarks/step.py --configs configs/tiny.yaml --steps 1 --warmup 1   # the CPU smoke run
+
+Each (config, way) row builds the real Stage-1 task (random weights) on a DeepSpeed engine
+(ZeRO-1, bf16 on a GPU; fp32 on the CPU) exactly as ``ivfast/train.py`` does, and runs:
+- ``--warmup`` steps, then ``--steps`` steps timed end to end (no synchronisation inside a
+  step): clips/s and tokens/s come from these;
+- ``--steps`` more steps with a device synchronisation at every phase boundary: the split of
+  step time into data (one batch from the configured loader), teacher (teacher forward +
+  mask), student forward, backward and optimiser step.
+
+Ways (overrides applied on top of the config file):
+- ``release``: the release's way as a mode of our model: unfused ops, eager ("math")
+  attention everywhere (the teacher included), the diffusion head in fp32.
+- ``ivfast``: the config as written (fused Triton kernels, FlashAttention / SDPA).
+- ``compile``: ``ivfast`` with ``torch.compile`` applied to the encoder and predictor
+  modules (where it helps; a failure to compile is recorded in the row, not raised).
+
+FLOPs per step are counted once per config with ``torch.utils.flop_counter`` on the
+release's way (every matmul visible to the counter; dense attention, so the predictor's
+windowed layers are counted as full attention); forward + backward, teacher forward
+included. Achieved TFLOP/s = FLOPs / step time; MFU = achieved / the device's dense bf16
+peak (``PEAK_TFLOPS``, looked up by device name; None when the name is unknown).
+
+On a GPU the rows go to ``benchmarks/results/step-gpu-<date>.{json,md}``; on the CPU only
+with ``--write`` (then ``*-cpu-*``, which git ignores).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.harness import on_gpu, write_results  # noqa: E402
+from ivfast.config import load_config, to_dict  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIGS = [f"configs/stage1_{size}_{variant}.yaml" for size in ("b", "l")
+                   for variant in ("align", "linear", "diffusion")]
+PAPER_SHAPE = ["data.batch_size=16", "data.num_frames=16", "model.mask_ratio=0.8"]
+
+# Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by a substring of torch's device name.
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+}
+
+WAYS = {
+    "release": ["model.fused_kernels=false", "model.attention=math", "model.diffusion.precision=fp32"],
+    "ivfast": [],
+    "compile": [],
+}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key, value in PEAK_TFLOPS.items():
+        if key in device_name:
+            return value
+    return None
+
+
+class _Sync:
+    """Wall-clock phase timer; synchronises the device at each boundary when ``enabled``."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled, self.device = enabled, device
+        self.times: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        if not self.enabled:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times[phase] = self.times.get(phase, 0.0) + (now - self.t)
+        self.t = now
+
+
+def _apply_compile(model) -> str:
+    try:
+        model.encoder.compile()
+        if getattr(model, "predictor", None) is not None:
+            model.predictor.compile()
+        return "encoder+predictor"
+    except Exception as e:  # noqa: BLE001 - recorded in the row
+        return f"not compiled: {type(e).__name__}: {e}"
+
+
+class StepRunner:
+    """One (config, way): the task on a DeepSpeed engine, a loader, and a timed step."""
+
+    def __init__(self, cfg, way: str):
+        import deepspeed
+
+        from ivfast.data.loader import build_dataset, build_loader
+        from ivfast.models.attention import set_backend
+        from ivfast.training import distributed
+        from ivfast.training.ds_config import deepspeed_config
+        from ivfast.training.optim import build_optimizer
+        from ivfast.training.tasks import build_task
+
+        self.cfg, self.way = cfg, way
+        kind = distributed.choose_device(cfg.train.device)
+        self.dist = distributed.init(kind, cfg.deepspeed.cpu_shm)
+        self.bf16 = kind == "cuda"
+        set_backend(cfg.model.attention)
+        torch.manual_seed(cfg.train.seed)
+        self.task = build_task(cfg)
+        self.task.to(self.dist.device, torch.bfloat16 if self.bf16 else torch.float32)
+        self.compiled = _apply_compile(self.task.model) if way == "compile" else None
+        optimizer = build_optimizer(self.task.model, cfg.train, self.dist.device)
+        self.engine, _, _, _ = deepspeed.initialize(model=self.task.model, optimizer=optimizer,
+                                                    config=deepspeed_config(cfg, self.bf16),
+                                                    dist_init_required=False)
+        dataset = build_dataset(cfg)
+        self.loader, self.sampler = build_loader(cfg, dataset, self.dist.rank, self.dist.world,
+                                                 pin_memory=kind == "cuda")
+        self.batches = iter(self.loader)
+        self.position = 0
+
+    def _next_batch(self):
+        batch = next(self.batches, None)
+        if batch is None:
+            self.sampler.set_position(self.sampler.epoch + 1)
+            self.batches = iter(self.loader)
+            batch = next(self.batches)
+        return batch
+
+    def step(self, timer: _Sync) -> int:
+        """One optimiser step; returns the number of clips."""
+        from ivfast.models.sample_rng import SampleRNG
+        from ivfast.models.stage1 import make_mask, run_teacher
+
+        batch = self._next_batch()
+        video = batch["video"].to(self.dist.device, non_blocking=True)
+        timer.mark("data")
+        self.position += 1
+        rng = SampleRNG.for_step(self.cfg.train.seed, self.position, batch["index"].tolist(), self.dist.device)
+        m = self.cfg.model
+        tout = run_teacher(self.task.teacher, video, m.teacher.img_size)
+        mask = make_mask(m, rng, self.task.model.encoder.grid, tout.saliency)
+        timer.mark("teacher")
+        seeds = torch.tensor(rng.seeds, dtype=torch.int64, device=video.device)
+        video_in = video.to(next(self.engine.module.parameters()).dtype)
+        out = self.engine(video_in, mask.visible_idx, mask.masked_idx, tout.layers, tout.pooled, seeds)
+        timer.mark("student_forward")
+        self.engine.backward(out["loss"])
+        timer.mark("backward")
+        self.engine.step()
+        timer.mark("optimizer")
+        return video.shape[0]
+
+    def close(self) -> None:
+        self.engine.destroy() if hasattr(self.engine, "destroy") else None
+        self.batches = None
+
+
+class _Direct:
+    """Stands in for the DeepSpeed engine in the FLOP count: calls the module directly."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args):
+        return self.module(*args)
+
+
+def count_flops(cfg) -> float | None:
+    """FLOPs of one step (forward + backward of the student, forward of the teacher)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ivfast.models.attention import set_backend
+    from ivfast.models.sample_rng import SampleRNG
+    from ivfast.training.tasks import build_task
+
+    set_backend("math")
+    device = torch.device("cuda" if on_gpu() else "cpu")
+    dtype = torch.bfloat16 if on_gpu() else torch.float32
+    torch.manual_seed(0)
+    task = build_task(cfg)
+    task.model.to(device, dtype)
+    task.to(device, dtype)
+    d = cfg.data
+    video = torch.randn(d.batch_size, 3, d.num_frames, d.img_size, d.img_size, device=device)
+    rng = SampleRNG.for_step(0, 0, range(d.batch_size), device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = task.forward(_Direct(task.model), video, rng)
+        out["loss"].backward()
+    del task
+    return float(counter.get_total_flops())
+
+
+def tokens_per_clip(cfg) -> int:
+    e, d = cfg.model.encoder, cfg.data
+    return (d.num_frames // e.tubelet_size) * (d.img_size // e.patch_size) ** 2
+
+
+def run_row(cfg_path: str, way: str, overrides: list[str], steps: int, warmup: int, flops: float | None) -> dict:
+    cfg = load_config(os.path.join(ROOT, cfg_path) if not os.path.isabs(cfg_path) else cfg_path,
+                      overrides + WAYS[way])
+    row: dict = {"config": cfg_path, "way": way}
+    runner = StepRunner(cfg, way)
+    device = runner.dist.device
+    if runner.compiled is not None:
+        row["compiled"] = runner.compiled
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    off = _Sync(False, device)
+    for _ in range(warmup):
+        runner.step(off)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0, clips = time.perf_counter(), 0
+    for _ in range(steps):
+        clips += runner.step(off)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    step_s = (time.perf_counter() - t0) / steps
+    split = _Sync(True, device)
+    for _ in range(steps):
+        runner.step(split)
+    total_split = sum(split.times.values())
+    row.update({
+        "step_ms": round(step_s * 1e3, 2),
+        "clips_per_s": round(clips / steps / step_s, 2),
+        "tokens_per_s": round(clips / steps * tokens_per_clip(cfg) / step_s, 1),
+        "tflops_per_step": round(flops / 1e12, 3) if flops else None,
+        "achieved_tflops": round(flops / step_s / 1e12, 2) if flops else None,
+    })
+    peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    row["mfu_pct"] = round(100 * row["achieved_tflops"] / peak, 2) if peak and flops else None
+    row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+    for phase in ("data", "teacher", "student_forward", "backward", "optimizer"):
+        row[f"{phase}_pct"] = round(100 * split.times.get(phase, 0.0) / total_split, 1) if total_split else None
+    runner.close()
+    del runner
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
+    p.add_argument("--ways", nargs="+", default=list(WAYS), choices=list(WAYS))
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--paper-shape", action=argparse.BooleanOptionalAction, default=None,
+                   help="batch 16, 16 frames, mask 0.8 (default: on a GPU)")
+    p.add_argument("--write", action="store_true", help="write results on the CPU too")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides for every row")
+    args = p.parse_args(argv)
+    paper = on_gpu() if args.paper_shape is None else args.paper_shape
+    overrides = (PAPER_SHAPE if paper else []) + ["data.source=synthetic", "train.progress=false"] + args.overrides
+    rows = []
+    for cfg_path in args.configs:
+        cfg = load_config(os.path.join(ROOT, cfg_path) if not os.path.isabs(cfg_path) else cfg_path,
+                          overrides + WAYS["release"])
+        try:
+            flops = count_flops(cfg)
+        except Exception as e:  # noqa: BLE001 - FLOPs are reported as unknown, the timing still runs
+            print(f"{cfg_path}: FLOP count failed ({type(e).__name__}: {e})")
+            flops = None
+        for way in args.ways:
+            try:
+                row = run_row(cfg_path, way, overrides, args.steps, args.warmup, flops)
+            except torch.cuda.OutOfMemoryError as e:
+                row = {"config": cfg_path, "way": way, "error": f"out of memory: {str(e)[:120]}"}
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    if on_gpu() or args.write:
+        print(write_results("step", {"configs": args.configs, "ways": args.ways, "overrides": overrides,
+                                     "way_overrides": WAYS, "steps": args.steps, "warmup": args.warmup,
+                                     "resolved": {c: to_dict(load_config(os.path.join(ROOT, c), overrides))
+                                                  for c in args.configs}}, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
