@@ -31,9 +31,16 @@ def pytest_sessionstart(session):
         raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set; kernel tests cannot run")
 
 
+# Set by an in-process ``distributed.init`` earlier in the session (its store still holds
+# MASTER_PORT): a training subprocess must pick its own rendezvous.
+_RENDEZVOUS_VARS = {"TRITON_INTERPRET", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                    "CROSS_RANK", "CROSS_SIZE"}
+
+
 def run_env(interpret: bool = False, **extra) -> dict:
-    """Environment for a training subprocess: the interpreter only when asked for."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    """Environment for a training subprocess: the interpreter only when asked for, and no
+    rendezvous variables inherited from this process."""
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     if interpret:
         env["TRITON_INTERPRET"] = "1"

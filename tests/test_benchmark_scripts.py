@@ -12,11 +12,16 @@ def test_profile_step_runs_on_the_tiny_config(capsys):
     assert "aten::" in out and " ms " in out
 
 
-def test_step_benchmark_runs_both_ways_on_the_tiny_config(capsys):
+def test_step_benchmark_runs_both_ways_on_the_tiny_config(capsys, monkeypatch):
     """benchmarks/step.py (issue 9's GPU measurement) runs here at a tiny size: the release's way
     and ivfast's, each row with throughput, a FLOP count and a step-time split summing to 100 %."""
+    import torch
+
     from benchmarks.step import WAYS, main
 
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR"):
+        monkeypatch.setenv(var, "")  # records the value before, so teardown undoes what the run sets
+        monkeypatch.delenv(var)
     assert "model.attention=math" in WAYS["release"] and WAYS["ivfast"] == []
     assert main(["--configs", "configs/tiny.yaml", "--ways", "release", "ivfast", "--steps", "1", "--warmup", "1"]) == 0
     rows = [dict(kv.split("=", 1) for kv in line.split()) for line in capsys.readouterr().out.splitlines()
@@ -26,6 +31,8 @@ def test_step_benchmark_runs_both_ways_on_the_tiny_config(capsys):
         assert float(r["clips_per_s"]) > 0 and float(r["tflops_per_step"]) > 0
         split = [float(r[f"{p}_pct"]) for p in ("data", "teacher", "student_forward", "backward", "optimizer")]
         assert abs(sum(split) - 100) < 0.5
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def test_peak_tflops_lookup():
