@@ -142,7 +142,7 @@ class StepRunner:
     def step(self, timer: _Sync) -> int:
         """One optimiser step; returns the number of clips."""
         from ivfast.models.sample_rng import SampleRNG
-        from ivfast.models.stage1 import make_mask, run_teacher
+        from ivfast.models.stage1 import make_mask, run_teacher, visible_teacher_layers
 
         batch = self._next_batch()
         video = batch["video"].to(self.dist.device, non_blocking=True)
@@ -152,10 +152,12 @@ class StepRunner:
         m = self.cfg.model
         tout = run_teacher(self.task.teacher, video, m.teacher.img_size)
         mask = make_mask(m, rng, self.task.model.encoder.grid, tout.saliency)
+        targets, pooled = visible_teacher_layers(tout.layers, mask.visible_idx), tout.pooled
+        del tout
         timer.mark("teacher")
         seeds = torch.tensor(rng.seeds, dtype=torch.int64, device=video.device)
         video_in = video.to(next(self.engine.module.parameters()).dtype)
-        out = self.engine(video_in, mask.visible_idx, mask.masked_idx, tout.layers, tout.pooled, seeds)
+        out = self.engine(video_in, mask.visible_idx, mask.masked_idx, targets, pooled, seeds)
         timer.mark("student_forward")
         self.engine.backward(out["loss"])
         timer.mark("backward")

@@ -110,6 +110,7 @@ class ModelConfig:
     mask_ratio: float = 0.75
     loss_weights: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     checkpointing: List[str] = field(default_factory=list)  # activation checkpointing per block: CHECKPOINTABLE
+    lean_mlp: bool = True  # MLPs save only input + fc1 output, LayerScale its bf16 input (ivfast.models.lean_mlp)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
@@ -167,7 +168,12 @@ class TrainConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 1
-    reduce_bucket_size: int = 500_000_000
+    # ZeRO-1/2 keep a persistent bf16 buffer of reduce_bucket_size elements for gradient
+    # reduction (contiguous_gradients): 5e8 (DeepSpeed's default, the release's) is 0.93 GiB
+    # on every GPU; 5e7 (93 MiB) still reduces in few large collectives.
+    reduce_bucket_size: int = 50_000_000
+    # Chunk size of the post-step parameter all-gather (ZeRO-1/2; ZeRO-3: the prefetch
+    # bucket): no persistent buffer at stages 1-2, so DeepSpeed's default stays.
     allgather_bucket_size: int = 500_000_000
     overlap_comm: bool = False
     contiguous_gradients: bool = True

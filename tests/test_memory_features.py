@@ -18,7 +18,8 @@ from ivfast.models import checkpointing
 from ivfast.models.diffloss import DiffusionLoss
 from ivfast.models.predictor import predict_masked
 from ivfast.models.sample_rng import SampleRNG
-from ivfast.models.stage1 import build_stage1, build_teacher, make_mask, patchify, run_teacher
+from ivfast.models.stage1 import (build_stage1, build_teacher, make_mask, patchify, run_teacher,
+                                  visible_teacher_layers)
 from ivfast.models.token_ops import gather_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,8 +42,9 @@ def batch():
     rng = SampleRNG(SEEDS)
     grid = (4, 4, 4)
     mask = make_mask(cfg.model, rng, grid, tout.saliency)
-    return dict(video=video, visible_idx=mask.visible_idx, masked_idx=mask.masked_idx, teacher_layers=tout.layers,
-                teacher_pooled=tout.pooled, sample_seeds=torch.tensor(SEEDS))
+    return dict(video=video, visible_idx=mask.visible_idx, masked_idx=mask.masked_idx,
+                teacher_layers=visible_teacher_layers(tout.layers, mask.visible_idx), teacher_pooled=tout.pooled,
+                sample_seeds=torch.tensor(SEEDS))
 
 
 def twin_models(*overrides, base=()):
@@ -371,3 +373,21 @@ def test_tiny_trains_two_steps_with_every_switch_on(tmp_path):
     assert all(r["skipped_steps"] == 0 and r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in recs)
     assert "allocator: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (train.allocator)" in proc.stderr
     assert "teacher: bfloat16" in proc.stderr
+
+
+@pytest.mark.parametrize("extra", [[], ["model.checkpointing=[encoder, predictor]"]])
+def test_lean_mlp_keeps_loss_and_grads_and_saves_less(extra, batch, monkeypatch):
+    """model.lean_mlp (the default) against the plain modules, same weights, fp32: the same losses
+    and gradients, less kept for backward (without checkpointing)."""
+    ref, lean = twin_models("model.lean_mlp=true", *extra, base=["model.lean_mlp=false", *extra])
+    assert lean.encoder.blocks[0].mlp.lean and lean.predictor.layers[0].mlp.lean and lean.align_heads[0].lean
+    assert not (ref.encoder.blocks[0].mlp.lean or ref.predictor.layers[0].mlp.lean or ref.align_heads[0].lean)
+    out_ref, g_ref, bytes_ref = saved_bytes(ref, batch, monkeypatch)
+    out_lean, g_lean, bytes_lean = saved_bytes(lean, batch, monkeypatch)
+    for k in out_ref:
+        torch.testing.assert_close(out_lean[k], out_ref[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert g_lean.keys() == g_ref.keys() and len(g_ref) == len(list(ref.parameters()))
+    for name in g_ref:
+        torch.testing.assert_close(g_lean[name], g_ref[name], rtol=1e-5, atol=1e-7, msg=name)
+    if not extra:
+        assert bytes_lean < 0.95 * bytes_ref, (bytes_lean, bytes_ref)  # fp32 tiny: the diffusion head dominates

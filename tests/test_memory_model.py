@@ -69,14 +69,17 @@ SMALL = [
 
 
 @pytest.mark.parametrize("overrides", SMALL)
-@pytest.mark.parametrize("dtype,attention", [(torch.float32, "math"), (torch.bfloat16, "sdpa")])
-def test_activation_formulas_match_saved_tensors(overrides, dtype, attention):
-    """Per component within 10%, in total within 5% (release-like: math attention, fp32;
-    ivfast-like: bf16 with O(N) attention); fused kernels off."""
-    cfg = load_config("configs/tiny.yaml", ["model.fused_kernels=false"] + overrides)
+@pytest.mark.parametrize("dtype,attention,lean", [(torch.float32, "math", False), (torch.bfloat16, "sdpa", True),
+                                                  (torch.bfloat16, "sdpa", False)])
+def test_activation_formulas_match_saved_tensors(overrides, dtype, attention, lean):
+    """Per component within 10%, in total within 5% (release-like: math attention, fp32, plain
+    MLPs; ivfast-like: bf16 with O(N) attention, lean MLPs); fused kernels off."""
+    cfg = load_config("configs/tiny.yaml", ["model.fused_kernels=false", f"model.lean_mlp={str(lean).lower()}"]
+                      + overrides)
     measured = measure_stage1(cfg, dtype, attention)
     a = 2 if dtype == torch.bfloat16 else 4
-    way = analytic.Way("check", act_bytes=a, attention="math" if attention == "math" else "flash", diffusion_bytes=a)
+    way = analytic.Way("check", act_bytes=a, attention="math" if attention == "math" else "flash", diffusion_bytes=a,
+                       lean_mlp=lean, predictor_v_copy=True)
     est = analytic.estimate(cfg, way)
     for comp, model_bytes in est.activations.items():
         got = measured.by_component[comp]

@@ -104,7 +104,7 @@ def test_patchify_matches_pixel_unshuffle():
 @pytest.mark.parametrize("recon", ["none", "linear", "diffusion"])
 def test_tiny_forward_backward_every_variant(recon):
     from ivfast.models.sample_rng import SampleRNG
-    from ivfast.models.stage1 import make_mask, run_teacher
+    from ivfast.models.stage1 import make_mask, run_teacher, visible_teacher_layers
 
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [f"model.recon={recon}"])
     torch.manual_seed(0)
@@ -114,7 +114,8 @@ def test_tiny_forward_backward_every_variant(recon):
     rng = SampleRNG.for_step(0, 0, [5, 6])
     mask = make_mask(cfg.model, rng, model.encoder.grid, tout.saliency)
     assert mask.visible_idx.shape == (2, 4 * num_visible_per_frame(16, 0.75))
-    out = model(video, mask.visible_idx, mask.masked_idx, tout.layers, tout.pooled, torch.tensor(rng.seeds))
+    targets = visible_teacher_layers(tout.layers, mask.visible_idx)
+    out = model(video, mask.visible_idx, mask.masked_idx, targets, tout.pooled, torch.tensor(rng.seeds))
     expected = {"loss", "loss_align_layers", "loss_align_final"} | ({"loss_recon"} if recon != "none" else set())
     assert expected <= set(out) and set(model.loss_names) == set(out)
     w = cfg.model.loss_weights
@@ -147,3 +148,34 @@ def test_teacher_and_predictor_weights_load_from_config(tmp_path):
         assert torch.equal(teacher.state_dict()[k], v), k
     for k, v in donor_pred.layers.state_dict().items():
         assert torch.equal(model.predictor.layers.state_dict()[k], v), k
+
+
+def test_visible_teacher_layers_give_the_same_alignment_loss():
+    """The task gathers the visible teacher tokens before the student runs: the gathered
+    tensor equals the per-layer gather of the full layers, and the losses are identical."""
+    from ivfast.models import token_ops
+    from ivfast.models.heads import cosine_align_loss
+    from ivfast.models.sample_rng import SampleRNG
+    from ivfast.models.stage1 import make_mask, run_teacher, visible_teacher_layers
+
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["model.recon=none", "model.encoder.drop_path=0.0"])
+    torch.manual_seed(3)
+    model, teacher = build_stage1(cfg), build_teacher(cfg.model, 4)
+    video = torch.randn(3, 3, 4, 56, 56)
+    tout = run_teacher(teacher, video, 64)
+    mask = make_mask(cfg.model, SampleRNG.for_step(0, 0, [1, 2, 3]), model.encoder.grid, tout.saliency)
+    k, _, _, w = tout.layers.shape
+    full = tout.layers.reshape(k, 3, -1, w)
+    got = visible_teacher_layers(tout.layers, mask.visible_idx)
+    assert got.shape == (k, 3, mask.visible_idx.shape[1], w)
+    for i in range(k):
+        assert torch.equal(got[i], token_ops.gather_tokens(full[i], mask.visible_idx))
+    enc = model.encoder(video, mask.visible_idx)
+    loss_layers, _ = model.align_losses(enc, mask.visible_idx, got, tout.pooled)
+    pos = model.align_pos()[mask.visible_idx]
+    ref = torch.stack([cosine_align_loss(h(enc.layers[i][:, enc.num_cls:] + pos),
+                                         token_ops.gather_tokens(full[i], mask.visible_idx))
+                       for i, h in enumerate(model.align_heads)]).mean()
+    assert torch.equal(loss_layers, ref)
+    with pytest.raises(ValueError, match="visible_teacher_layers"):
+        model.align_losses(enc, mask.visible_idx, tout.layers, tout.pooled)

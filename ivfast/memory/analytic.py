@@ -18,13 +18,20 @@ Two presets:
   in bf16 and their softmax in fp32); under autocast its residual stream, hence the six
   returned layers, are fp32, and the engine keeps those full-token fp32 layers alive for
   the whole step; the diffusion head runs under ``autocast(dtype=float32)``: fp32
-  activations (and fp32 copies of its weights).
+  activations (and fp32 copies of its weights); plain autograd MLPs.
 - :func:`ivfast_way`: ivfast's settings from the config: bf16 activations, flash-class
   attention (O(N) saved) everywhere, the fused kernels of ``model.fused_kernels``, the
   teacher in ``model.teacher.precision`` (auto: bf16), its outputs in that dtype, the
   diffusion head in ``model.diffusion.precision`` (auto: bf16), activation checkpointing
   per module from ``model.checkpointing``, diffusion tokens scaled by
-  ``model.diffusion.reconstruction_ratio``.
+  ``model.diffusion.reconstruction_ratio``, the lean MLPs of ``model.lean_mlp`` (encoder:
+  fc1 input and output kept; predictor GeGLU: input and Wi output kept), the teacher layers
+  gathered at the visible tokens before the student runs, ZeRO's reduce bucket from
+  ``deepspeed.reduce_bucket_size`` (ivfast's default 5e7: 93 MiB); the predictor's attention
+  keeps its own copy of v instead of the whole Wqkv output. ``model.lean_mlp`` also covers
+  the encoder's LayerScale inputs (kept in bf16), the alignment heads (LayerNorm + l2
+  normalise recomputed, the cosine loss keeping the bf16 target), the masked-token gather
+  (index only) and the diffusion loss's variational-bound term (recomputed in backward).
 
 Assumptions (the same for both ways and every row; they are printed in the report):
 
@@ -52,6 +59,7 @@ from ivfast.memory.params import ParamCounts, count_params
 
 GIB = 2**30
 CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS/cuDNN workspaces on an A100/H100, outside torch's allocator
+RELEASE_BUCKET = 500_000_000  # the release's reduce_bucket_size (DeepSpeed's default)
 VB_TENSORS = 17  # (M, C) tensors the learned-sigma variational-bound loss saves (op graph of vb_terms_bpd)
 
 
@@ -70,6 +78,10 @@ class Way:
     checkpointing: tuple = ()
     reconstruction_ratio: float = 1.0
     grad_bucket: bool = True
+    bucket_elems: int | None = None  # ZeRO reduce bucket (elements); None: ``deepspeed.reduce_bucket_size``
+    lean_mlp: bool = False  # encoder / predictor MLPs keep only their input and fc1 output
+    teacher_visible_only: bool = False  # the teacher layers live through the step at the visible tokens only
+    predictor_v_copy: bool = False  # the predictor's attention keeps a copy of v, not the whole Wqkv output
 
 
 @dataclass
@@ -143,9 +155,12 @@ def rmsnorm(width: int, a: int, fused: bool) -> float:
     return width * a + 4 if fused else 8 * width + 4
 
 
-def encoder_block(d: int, heads: int, hidden: int, n: int, a: int, attention: str, fused: bool) -> float:
+def encoder_block(d: int, heads: int, hidden: int, n: int, a: int, attention: str, fused: bool,
+                  lean: bool = False) -> float:
     """Saved bytes per token of one release-style block (n tokens per sequence): two
-    RMSNorms, the qkv input, QK-norm, attention, the two fp32 LayerScale inputs, the MLP."""
+    RMSNorms, the qkv input, QK-norm, attention, the two fp32 LayerScale inputs, the MLP
+    (fc1 input, GELU input, fc2 input; ``lean``: fc1 input and output, LayerScale inputs in
+    the activation dtype)."""
     if fused:  # the kernel keeps q, k (views: the whole qkv output) and rstd
         qk, qkv_kept = 3 * a * d + 8, True
     elif a == 4:  # fp32: x is q itself (a view: the whole qkv output), + x*rstd
@@ -156,7 +171,9 @@ def encoder_block(d: int, heads: int, hidden: int, n: int, a: int, attention: st
         attn = 12 * d + 4 * heads * n + a * d
     else:  # q, k, v (v a view of qkv), out (= proj input), logsumexp
         attn = 2 * a * d + (0 if qkv_kept else 3 * a * d) + a * d + 4 * heads
-    return 2 * rmsnorm(d, a, fused) + a * d + qk + attn + 8 * d + a * d + 2 * a * hidden
+    mlp = a * d + (1 if lean else 2) * a * hidden
+    layer_scale = 2 * a * d if lean else 8 * d  # the two LayerScale inputs: as they are, or fp32 copies
+    return 2 * rmsnorm(d, a, fused) + a * d + qk + attn + layer_scale + mlp
 
 
 def encoder_embed(patch_dim: int, d: int, a: int, fused: bool) -> float:
@@ -167,10 +184,20 @@ def encoder_embed(patch_dim: int, d: int, a: int, fused: bool) -> float:
     return 4 * patch_dim + a * patch_dim + rmsnorm(d, a, False)
 
 
-def align_head(d: int, tw: int, a: int) -> float:
-    """Per visible token of one head: 3 MLP inputs, LayerNorm input + stats, its output
-    (l2 normalise), the fp32 target the cosine loss keeps."""
-    return 3 * a * d + a * tw + 8 + a * tw + 4 * tw + 3 * a
+def align_head(d: int, tw: int, a: int, lean: bool = False, target_bytes: int | None = None) -> float:
+    """Per visible token of one head: 3 MLP inputs (``lean``: fc1 input and output),
+    LayerNorm input + stats, its output (l2 normalise; ``lean``: recomputed, only the
+    LayerNorm input kept), the fp32 copy of the target the cosine
+    loss keeps (none in fp32: it keeps the gathered teacher layer itself, a live teacher
+    output; ``lean``: the target as it is, a copy only if the teacher's dtype
+    (``target_bytes``) differs)."""
+    if lean:
+        target = a * tw if target_bytes not in (None, a) else 0
+    else:
+        target = 4 * tw if a < 4 else 0
+    if lean:
+        return 2 * a * d + a * tw + target
+    return 3 * a * d + a * tw + 8 + a * tw + target + 3 * a
 
 
 def pool(d: int, heads: int, a: int, attention: str) -> float:
@@ -179,25 +206,30 @@ def pool(d: int, heads: int, a: int, attention: str) -> float:
     return a * d + 16 + 2 * a * d + kv
 
 
-def predictor_layer(w: int, heads: int, hidden: int, n: int, window: int | None, a: int, attention: str) -> float:
-    """Per token of one ModernBERT layer (window: keys seen per query, None = global)."""
+def predictor_layer(w: int, heads: int, hidden: int, n: int, window: int | None, a: int, attention: str,
+                    lean: bool = False, v_copy: bool = False) -> float:
+    """Per token of one ModernBERT layer (window: keys seen per query, None = global). The
+    GeGLU MLP keeps Wi's output (2 x hidden), GELU(input) and the product; ``lean``: Wi's output."""
     del window  # flash-class attention saves O(N) either way; math keeps full N x N probabilities
     if attention == "math":
         attn = 12 * w + 4 * heads * n + a * w
-    else:
-        attn = 2 * a * w + 3 * a * w + a * w + 4 * heads
-    return a * w + 8 + a * w + attn + a * w + 8 + a * w + 4 * a * hidden
+    else:  # RoPE'd q, k, v (a view keeps the whole Wqkv output; ``v_copy``: its own), out (= Wo input), lse
+        attn = 2 * a * w + (1 if v_copy else 3) * a * w + a * w + 4 * heads
+    return a * w + 8 + a * w + attn + a * w + 8 + a * w + (2 if lean else 4) * a * hidden
 
 
-def predictor_in(d: int, w: int, a: int) -> float:
-    """Per token: the scattered sequence (mask tokens + visible tokens), the input projection
-    MLP (fc1, GELU, fc2 inputs, LayerNorm input + stats)."""
-    return a * d + 3 * a * d + a * w + 8
+def predictor_in(d: int, w: int, a: int, lean: bool = False) -> float:
+    """Per token: the scattered sequence (mask tokens + visible tokens; ``lean``: none, the
+    output gather keeps only its index), the input projection MLP (fc1, GELU, fc2 inputs;
+    ``lean``: fc1 input and output), LayerNorm input + stats."""
+    return (0 if lean else a * d) + (2 if lean else 3) * a * d + a * w + 8
 
 
 def diffusion_rows(w: int, z: int, c: int, cout: int, depth: int, d: int, a: int, fused: bool,
-                   learn_sigma: bool) -> dict:
-    """Per diffusion row: embeddings, the adaLN blocks, the final layer, the losses."""
+                   learn_sigma: bool, lean: bool = False) -> dict:
+    """Per diffusion row: embeddings, the adaLN blocks, the final layer, the losses (``lean``:
+    the variational-bound term keeps its inputs only: the target and t; the model output is
+    kept by the eps-MSE already)."""
     del a
     embed = 256 * d + 2 * w * d + z * d + w * d + c * d  # t MLP inputs, z, y (SiLU input), x_t
     if fused:
@@ -208,7 +240,9 @@ def diffusion_rows(w: int, z: int, c: int, cout: int, depth: int, d: int, a: int
         blocks = depth * (11 * w * d + 8)
         final = 5 * w * d + 8
         loss = 4 * c  # eps_hat - eps
-    if learn_sigma:
+    if learn_sigma and lean:
+        loss += c * d + 8
+    elif learn_sigma:
         loss += VB_TENSORS * c * d + 2 * c
     return {"embed": embed, "blocks": blocks, "final": final, "loss": loss}
 
@@ -231,7 +265,8 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
     est = MemoryEstimate(way=way.name, params=params)
 
     # static
-    bucket = cfg.deepspeed.reduce_bucket_size if (way.grad_bucket and cfg.deepspeed.contiguous_gradients) else 0
+    bucket_elems = cfg.deepspeed.reduce_bucket_size if way.bucket_elems is None else way.bucket_elems
+    bucket = bucket_elems if (way.grad_bucket and cfg.deepspeed.contiguous_gradients) else 0
     st = static_bytes(params.total_trainable, zero, world, bucket)
     step_extra = st.pop("step: fp32 gradient partition")
     est.static = dict(st)
@@ -241,7 +276,7 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
     # activations
     n_enc = s.cls + s.visible
     hidden = int(e.width * e.mlp_ratio)
-    block = encoder_block(e.width, e.heads, hidden, n_enc, a, way.attention, way.fused) * B * n_enc
+    block = encoder_block(e.width, e.heads, hidden, n_enc, a, way.attention, way.fused, way.lean_mlp) * B * n_enc
     embed = encoder_embed(3 * e.tubelet_size * e.patch_size ** 2, e.width, a, way.fused) * B * s.frames * s.grid
     acts, trans = {}, {}
     if _ckpt("encoder", way):
@@ -249,7 +284,8 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
         trans["encoder recompute (one block)"] = block
     else:
         acts["encoder"] = embed + e.depth * block
-    acts["align heads"] = (m.align.num_layers * align_head(e.width, t.width, a) * B * s.visible
+    acts["align heads"] = (m.align.num_layers * align_head(e.width, t.width, a, way.lean_mlp,
+                                                           way.teacher_stream_bytes) * B * s.visible
                            + pool(e.width, m.align.pool_heads, a, way.attention) * B * n_enc)
     rows = 0
     if m.recon != "none":
@@ -257,8 +293,8 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
         n_p = s.cls + s.frames * s.grid
         ids = [p.first_layer_id + i for i in range(p.depth)]
         layers = [predictor_layer(p.width, p.heads, p.mlp_hidden, n_p, None if i % p.global_every == 0 else p.window // 2,
-                                  a, way.attention) * B * n_p for i in ids]
-        pin = predictor_in(e.width, p.width, a) * B * n_p
+                                  a, way.attention, way.lean_mlp, way.predictor_v_copy) * B * n_p for i in ids]
+        pin = predictor_in(e.width, p.width, a, way.lean_mlp) * B * n_p
         if _ckpt("predictor", way):
             acts["predictor"] = pin + p.depth * a * p.width * B * n_p
             trans["predictor recompute (one layer)"] = max(layers)
@@ -272,7 +308,7 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
             rows = B * s.masked * dcfg.batch_mul * way.reconstruction_ratio
             cout = 2 * c if dcfg.learn_sigma else c
             parts = diffusion_rows(dcfg.width, p.width, c, cout, dcfg.depth, way.diffusion_bytes, a, way.fused,
-                                   dcfg.learn_sigma)
+                                   dcfg.learn_sigma, way.lean_mlp)
             if _ckpt("diffusion", way):
                 blocks = dcfg.depth * way.diffusion_bytes * dcfg.width * rows
                 trans["diffusion recompute (one block)"] = parts["blocks"] / dcfg.depth * rows
@@ -291,17 +327,23 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
         p = m.predictor
         n_p = s.cls + s.frames * s.grid
         attn = 8 * p.heads * n_p * n_p * B if way.attention == "math" else 0
-        trans["predictor MLP / attention"] = max(4 * a * p.mlp_hidden * B * n_p, attn)
+        # GeGLU: Wi's output, GELU, the product, their gradients; lean: three hidden-wide at most
+        trans["predictor MLP / attention"] = max((3 if way.lean_mlp else 4) * a * p.mlp_hidden * B * n_p, attn)
     if rows:
         d = way.diffusion_bytes
         trans["diffusion layer"] = 4 * m.diffusion.width * d * rows
+        if way.lean_mlp and m.diffusion.learn_sigma:  # backward: the VB term again, 8192 rows at a time
+            trans["diffusion VB recompute"] = VB_TENSORS * c * d * min(rows, 8192)
     est.transients = trans
 
     # the teacher: outputs alive through the student forward, and its own working set
     bt, L, tw = B * s.frames, s.teacher_tokens, t.width
     k = m.align.num_layers
     tb = way.teacher_stream_bytes
-    est.teacher_outputs = k * bt * L * tw * tb
+    if way.teacher_visible_only:  # gathered at the visible tokens before the student runs
+        est.teacher_outputs = k * B * s.visible * tw * tb
+    else:
+        est.teacher_outputs = k * bt * L * tw * tb
     if tb == 4:  # the release also keeps the visible-token fp32 targets it gathers
         est.teacher_outputs += k * B * s.visible * tw * 4
     compute = min(tb, 2)
@@ -330,7 +372,8 @@ def _get(obj, name: str, default):
 def release_way(cfg: Config) -> Way:
     """The release's way of running ``cfg`` (see the module docstring)."""
     return Way("release", act_bytes=2, attention="flash", fused=False, diffusion_bytes=4, teacher_param_bytes=4,
-               teacher_stream_bytes=4, teacher_eager=True, checkpointing=(), reconstruction_ratio=1.0)
+               teacher_stream_bytes=4, teacher_eager=True, checkpointing=(), reconstruction_ratio=1.0,
+               bucket_elems=RELEASE_BUCKET, lean_mlp=False, teacher_visible_only=False)
 
 
 def ivfast_way(cfg: Config, checkpointing=None) -> Way:
@@ -343,4 +386,5 @@ def ivfast_way(cfg: Config, checkpointing=None) -> Way:
                fused=bool(m.fused_kernels), diffusion_bytes=4 if dp == "fp32" else 2,
                teacher_param_bytes=4 if tp == "fp32" else 2, teacher_stream_bytes=4 if tp == "fp32" else 2,
                teacher_eager=m.attention == "math", checkpointing=ck,
-               reconstruction_ratio=float(_get(m.diffusion, "reconstruction_ratio", 1.0)))
+               reconstruction_ratio=float(_get(m.diffusion, "reconstruction_ratio", 1.0)),
+               lean_mlp=bool(_get(m, "lean_mlp", False)), teacher_visible_only=True, predictor_v_copy=True)

@@ -6,6 +6,7 @@ paper's memory table (supplement Table 1: one A100, batch 16, 16 frames, mask 0.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ PAPER_ROWS = (
     ("Align + Diffusion Recon", "configs/stage1_b_diffusion.yaml", 48.0),
 )
 CHECKPOINT_ALL = ("encoder", "predictor", "diffusion")
+RELEASE_CTOR_HEAD = (3, 1024)  # diffusion head depth, width: the release constructor's defaults
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Row:
     ivfast: MemoryEstimate
     ivfast_ckpt: MemoryEstimate
     release_bf16_head: MemoryEstimate | None = None  # diagnostic: the release's way, diffusion head in bf16
+    release_small_head: MemoryEstimate | None = None  # diagnostic: the release's way, constructor-default head
     measured_gib: float | None = None
     measured_phases: dict = field(default_factory=dict)
 
@@ -53,6 +56,9 @@ def build_row(name: str, path: str, cfg: Config, paper: float | None, zero: int,
               est(analytic.ivfast_way(cfg, CHECKPOINT_ALL)))
     if cfg.model.recon == "diffusion":
         row.release_bf16_head = est(dataclasses.replace(analytic.release_way(cfg), diffusion_bytes=2))
+        small = copy.deepcopy(cfg)
+        small.model.diffusion.depth, small.model.diffusion.width = RELEASE_CTOR_HEAD
+        row.release_small_head = analytic.estimate(small, analytic.release_way(small), zero, world)
     return row
 
 
@@ -78,6 +84,13 @@ def markdown(rows: list[Row], zero: int, world: int) -> str:
                         f"change) models {r.release_bf16_head.gib():.2f} GiB; the fp32 head's activations are "
                         f"{r.release.activations['diffusion head'] / GIB:.2f} GiB of the "
                         f"{r.release.gib():.2f}."]
+        if r.release_small_head is not None:
+            d, w = RELEASE_CTOR_HEAD
+            vs = f" ({(r.release_small_head.gib() / r.paper_gib - 1) * 100:+.1f}% vs the paper)" if r.paper_gib else ""
+            out += ["", f"{r.name}, diagnostic (a hypothesis for the paper's ablation, not a fact): the release's way "
+                        f"with the release constructor's default diffusion head (depth {d}, width {w}: "
+                        f"`InternVideo_next_s1.py` defaults `diffloss_d={d}, diffloss_w={w}`; its registered models "
+                        f"use 6 / 1536) models {r.release_small_head.gib():.2f} GiB{vs}."]
     for r in rows:
         out += ["", f"## {r.name} (`{r.config}`)", "",
                 f"Parameters: {r.release.params.total_trainable / 1e6:.2f} M trainable "

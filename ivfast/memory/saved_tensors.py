@@ -96,7 +96,7 @@ def measure_stage1(cfg, dtype: torch.dtype = torch.float32, attention: str = "ma
     """
     from ivfast.models.attention import use_backend
     from ivfast.models.sample_rng import SampleRNG
-    from ivfast.models.stage1 import build_stage1, build_teacher, make_mask, run_teacher
+    from ivfast.models.stage1 import build_stage1, build_teacher, make_mask, run_teacher, visible_teacher_layers
 
     torch.manual_seed(seed)
     model = build_stage1(cfg).to(dtype).train()
@@ -109,7 +109,8 @@ def measure_stage1(cfg, dtype: torch.dtype = torch.float32, attention: str = "ma
     mask = make_mask(cfg.model, rng, model.encoder.grid, tout.saliency)
     seeds = torch.tensor(rng.seeds, dtype=torch.int64)
     video_in = video.to(dtype)
-    args = (video_in, mask.visible_idx, mask.masked_idx, tout.layers, tout.pooled, seeds)
+    targets = visible_teacher_layers(tout.layers, mask.visible_idx)
+    args = (video_in, mask.visible_idx, mask.masked_idx, targets, tout.pooled, seeds)
     rec = _Recorder(_storage_ptrs(model.parameters()) | _storage_ptrs(args))
     # components: the alignment losses (heads, pool, final head), the recon loss (linear
     # or diffusion head with its loss), the encoder and the predictor modules

@@ -24,6 +24,7 @@ kernels can swap either piece. ``checkpointing`` recomputes each residual block 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Dict, Optional, Tuple
 
@@ -31,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ivfast.models import lean_mlp
 from ivfast.models.checkpointing import run_block
 from ivfast.models.diffusion import GaussianDiffusion
 
@@ -202,6 +204,12 @@ class SimpleMLP(nn.Module):
         return self.final_layer(h, y, silu_y)
 
 
+def _vb_terms(diffusion, c: int, model_output, target, x_t, t):
+    """The variational-bound term per row, its gradient only through the variance half."""
+    frozen = torch.cat([model_output[:, :c].detach(), model_output[:, c:]], dim=1)
+    return diffusion.vb_terms_bpd(frozen, target, x_t, t)
+
+
 class DiffusionLoss(nn.Module):
     """Diffusion reconstruction loss of target tokens (M, C) conditioned on z (M, z_channels).
 
@@ -209,7 +217,11 @@ class DiffusionLoss(nn.Module):
     ``forward`` returns {"loss", "mse"} (+ "vb" with ``learn_sigma``), each a scalar mean.
     ``precision``: "auto" computes in the inputs' dtype; "fp32" upcasts the inputs and turns
     autocast off (the fused kernels then run only when the parameters are fp32 too).
+    ``lean`` (``model.lean_mlp``): the variational-bound term of ``loss_given_seeds`` keeps only
+    its inputs for backward and is recomputed there (elementwise; same values).
     """
+
+    lean = False
 
     def __init__(self, target_channels: int, z_channels: int, width: int = 1536,
                  depth: int = 6, num_timesteps: int = 1000, schedule: str = "cosine",
@@ -290,8 +302,10 @@ class DiffusionLoss(nn.Module):
             mse = eps_mse_fused(model_output[:, :c], seeds)
             out = {"mse": mse.mean()}
             if self.learn_sigma:
-                frozen = torch.cat([model_output[:, :c].detach(), model_output[:, c:]], dim=1)
-                out["vb"] = d.vb_terms_bpd(frozen, target, x_t, t).mean()
+                vb = functools.partial(_vb_terms, d, c)
+                if self.lean and torch.is_grad_enabled():  # keeps only its inputs for backward
+                    vb = functools.partial(lean_mlp.recompute_rows, vb)
+                out["vb"] = vb(model_output, target, x_t, t).mean()
                 out["loss"] = out["mse"] + out["vb"]
             else:
                 out["loss"] = out["mse"]

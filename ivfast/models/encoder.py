@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ivfast.models.checkpointing import run_block
-from ivfast.models.layers import BLOCK_STYLES, Block, LayerScale, RMSNorm, count_parameters
+from ivfast.models.layers import BLOCK_STYLES, Block, LayerScale, Mlp, RMSNorm, count_parameters
 from ivfast.models.pos_embed import PositionTable
 from ivfast.models.token_ops import add_pos_and_gather
 
@@ -79,6 +79,8 @@ class VideoEncoder(nn.Module):
     Parameter names for the optimiser's no-decay rules: norms contain ``norm``, the position
     table is ``pos.table``, the CLS tokens are ``cls_token``, biases end in ``bias``.
     ``checkpointing``: recompute each block in backward (``ivfast.models.checkpointing``).
+    ``lean_mlp``: the blocks' MLPs and LayerScales save less for backward (``ivfast.models.lean_mlp``;
+    same values).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class VideoEncoder(nn.Module):
         return_layers: Sequence[int] = (),
         fused: bool = False,
         checkpointing: bool = False,
+        lean_mlp: bool = False,
     ):
         super().__init__()
         self.fused = bool(fused)
@@ -135,6 +138,8 @@ class VideoEncoder(nn.Module):
         for module in self.modules():  # RMSNorm of the release block (norms, QK-norm, patch norms)
             if isinstance(module, RMSNorm):
                 module.fused = self.fused
+            elif isinstance(module, (Mlp, LayerScale)):  # the blocks' MLPs and LayerScales: ivfast.models.lean_mlp
+                module.lean = bool(lean_mlp)
 
     @torch.no_grad()
     def init_weights(self) -> None:

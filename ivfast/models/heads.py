@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ivfast.models import lean_mlp
 from ivfast.models.attention import attention
 
 
@@ -14,6 +15,8 @@ class MLPHead(nn.Module):
     ``hidden`` defaults to ``in_dim``. With ``l2=True`` the output has unit norm over the
     last dim (alignment heads); ``l2=False`` is the predictor's input projection.
     """
+
+    lean = False  # set by the owner (model.lean_mlp): ivfast.models.lean_mlp for the MLP and the norms (same values)
 
     def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None, l2: bool = True):
         super().__init__()
@@ -33,7 +36,13 @@ class MLPHead(nn.Module):
         self.norm.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(self.fc2(self.act(self.fc1(x))))
+        if self.lean and self.act.approximate == "none" and lean_mlp.usable(x):
+            x = lean_mlp.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+            if self.l2:
+                return lean_mlp.layer_norm_l2(x, self.norm.weight, self.norm.bias, self.norm.eps)
+        else:
+            x = self.fc2(self.act(self.fc1(x)))
+        x = self.norm(x)
         return F.normalize(x, dim=-1) if self.l2 else x
 
 
@@ -85,11 +94,14 @@ class AttentionPool(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(x.shape[0], -1))
 
 
-def cosine_align_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def cosine_align_loss(pred: torch.Tensor, target: torch.Tensor, lean: bool = False) -> torch.Tensor:
     """mean(2 - 2 * <pred, target>) over all leading dims; both inputs already l2-normalised.
 
-    Computed in fp32; returns a 0-dim tensor.
+    Computed in fp32; returns a 0-dim tensor. ``lean``: backward keeps ``target`` as it is,
+    not its fp32 copy (``ivfast.models.lean_mlp.cosine_align``; same values).
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    if lean and not target.requires_grad and lean_mlp.usable(pred):
+        return lean_mlp.cosine_align(pred, target)
     return (2.0 - 2.0 * (pred.float() * target.float()).sum(dim=-1)).mean()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ivfast.models import lean_mlp
 from ivfast.models.attention import attention
 
 BLOCK_STYLES = ("plain", "release")
@@ -63,7 +64,11 @@ class LayerScale(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.constant_(self.gamma, self.init)
 
+    lean = False  # set by VideoEncoder(lean_mlp=True): ivfast.models.lean_mlp.layer_scale (same values)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean and lean_mlp.usable(x):
+            return lean_mlp.layer_scale(x, self.gamma)
         return (x.float() * self.gamma.float()).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -94,6 +99,8 @@ class DropPath(nn.Module):
 class Mlp(nn.Module):
     """Linear -> GELU -> Linear."""
 
+    lean = False  # set by VideoEncoder(lean_mlp=True): ivfast.models.lean_mlp (same values, less saved)
+
     def __init__(self, dim: int, hidden: int, out_dim: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -101,6 +108,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, out_dim or dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean and self.act.approximate == "none" and lean_mlp.usable(x):
+            return lean_mlp.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return self.fc2(self.act(self.fc1(x)))
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import token_ops
+from . import lean_mlp, token_ops
 from .attention import attention
 from .checkpointing import run_block
 from .heads import MLPHead
@@ -60,6 +60,9 @@ class ModernBertAttention(nn.Module):
         b, n, d = x.shape
         qkv = self.Wqkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, N, Dh) each
+        # v on its own storage ((B, N, H, Dh) rows, flash-attn's layout): attention keeps v for
+        # backward, and a view would keep the whole Wqkv output alive next to the RoPE'd q, k.
+        v = v.transpose(1, 2).contiguous().transpose(1, 2)
         q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype))
         k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype))
         o = attention(q, k, v, window=self.window)
@@ -69,6 +72,8 @@ class ModernBertAttention(nn.Module):
 class ModernBertMLP(nn.Module):
     """GeGLU: Wi -> (input, gate); Wo(GELU(input) * gate)."""
 
+    lean = False  # set by Predictor(lean_mlp=True): ivfast.models.lean_mlp (same values, less saved)
+
     def __init__(self, width: int, hidden: int):
         super().__init__()
         self.Wi = nn.Linear(width, 2 * hidden, bias=False)
@@ -76,6 +81,8 @@ class ModernBertMLP(nn.Module):
         self.Wo = nn.Linear(hidden, width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean and self.act.approximate == "none" and lean_mlp.usable(x):
+            return lean_mlp.geglu_mlp(x, self.Wi.weight, self.Wo.weight)
         inp, gate = self.Wi(x).chunk(2, dim=-1)
         return self.Wo(self.act(inp) * gate)
 
@@ -110,7 +117,8 @@ class Predictor(nn.Module):
     """Input projection + ``depth`` ModernBERT layers with absolute ids
     ``first_layer_id .. first_layer_id + depth - 1``; forward (B, N, in_dim) -> (B, N, width).
 
-    ``checkpointing``: recompute each layer in backward (``ivfast.models.checkpointing``)."""
+    ``checkpointing``: recompute each layer in backward (``ivfast.models.checkpointing``).
+    ``lean_mlp``: the MLPs save less for backward (``ivfast.models.lean_mlp``; same values)."""
 
     def __init__(
         self,
@@ -126,6 +134,7 @@ class Predictor(nn.Module):
         rope_theta_local: float = 10000.0,
         norm_eps: float = 1e-5,
         checkpointing: bool = False,
+        lean_mlp: bool = False,
     ):
         super().__init__()
         self.checkpointing = bool(checkpointing)
@@ -143,6 +152,9 @@ class Predictor(nn.Module):
                 ModernBertLayer(width, heads, mlp_hidden, layer_id, is_global, window, theta, norm_eps)
             )
         self.layers = nn.ModuleList(layers)
+        self.in_proj.lean = bool(lean_mlp)
+        for layer in self.layers:
+            layer.mlp.lean = bool(lean_mlp)
         self.reset_parameters()
 
     @property
@@ -178,20 +190,23 @@ class Predictor(nn.Module):
         return x
 
 
-def predictor_from_config(p, in_dim: int, checkpointing: bool = False) -> Predictor:
+def predictor_from_config(p, in_dim: int, checkpointing: bool = False, lean_mlp: bool = False) -> Predictor:
     """The predictor of a ``PredictorConfig`` over ``in_dim``-wide encoder tokens (Stages 1 and 2)."""
     return Predictor(in_dim=in_dim, width=p.width, depth=p.depth, heads=p.heads, mlp_hidden=p.mlp_hidden,
                      window=p.window, global_every=p.global_every, first_layer_id=p.first_layer_id,
-                     checkpointing=checkpointing)
+                     checkpointing=checkpointing, lean_mlp=lean_mlp)
 
 
 def predict_masked(predictor: nn.Module, pos_table: torch.Tensor, mask_token: torch.Tensor, enc,
-                   visible_idx: torch.Tensor, masked_idx: torch.Tensor, fused: bool = False) -> torch.Tensor:
+                   visible_idx: torch.Tensor, masked_idx: torch.Tensor, fused: bool = False,
+                   lean: bool = False) -> torch.Tensor:
     """The predictor over the full sequence; its output at the masked positions (B, N_mask, width).
 
     The sequence is ``[CLS tokens + pos_cls | encoder tokens at visible_idx, mask_token elsewhere,
     + pos]`` (``pos_table``: (num_cls + N, D), CLS rows first; ``enc``: an ``EncoderOutput``).
     ``fused``: build it with the one-kernel scatter of ``kernels.token_gather`` (Stages 1 and 2).
+    ``lean``: the gather at the masked positions keeps only the index for backward, not the
+    predictor's whole output (``token_ops.gather_tokens``).
     """
     ncls = enc.num_cls
     if fused:
@@ -202,4 +217,4 @@ def predict_masked(predictor: nn.Module, pos_table: torch.Tensor, mask_token: to
     if ncls:
         seq = torch.cat([enc.tokens[:, :ncls] + pos_table[:ncls].to(seq.dtype), seq], dim=1)
     z = predictor(seq)[:, ncls:]
-    return token_ops.gather_tokens(z, masked_idx)
+    return token_ops.gather_tokens(z, masked_idx, lean=lean)

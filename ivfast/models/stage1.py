@@ -66,7 +66,7 @@ class Stage1Model(nn.Module):
             width=e.width, depth=e.depth, heads=e.heads, mlp_ratio=e.mlp_ratio, block=e.block,
             num_cls_tokens=e.num_cls_tokens, layer_scale_init=e.layer_scale_init, drop_path=e.drop_path,
             pos_learnable=e.pos_learnable, return_layers=student_return_layers(e.depth, a.num_layers),
-            fused=cfg.fused_kernels, checkpointing="encoder" in cfg.checkpointing,
+            fused=cfg.fused_kernels, checkpointing="encoder" in cfg.checkpointing, lean_mlp=cfg.lean_mlp,
         )
         grid = self.encoder.grid
         teacher_width = cfg.teacher.width
@@ -76,13 +76,16 @@ class Stage1Model(nn.Module):
         )
         self.pool = AttentionPool(e.width, a.pool_heads, a.pool_dim)
         self.final_head = MLPHead(a.pool_dim, teacher_width, l2=True)
+        for head in [*self.align_heads, self.final_head]:
+            head.lean = cfg.lean_mlp
 
         self.target_dim = 3 * e.tubelet_size * e.patch_size**2
         if self.recon != "none":
             self.mask_token = nn.Parameter(torch.zeros(e.width))
             nn.init.trunc_normal_(self.mask_token, std=0.02)
             self.predictor_pos = PositionTable(e.width, *grid, num_cls=e.num_cls_tokens, learnable=e.pos_learnable)
-            self.predictor = predictor_from_config(p, e.width, checkpointing="predictor" in cfg.checkpointing)
+            self.predictor = predictor_from_config(p, e.width, checkpointing="predictor" in cfg.checkpointing,
+                                                   lean_mlp=cfg.lean_mlp)
             if p.init_weights:  # ModernBERT text weights for the predictor's layers (local file)
                 report = load_modernbert_predictor(self.predictor, p.init_weights)
                 log.info("predictor initialised from %s: %s", p.init_weights, report.summary())
@@ -95,6 +98,7 @@ class Stage1Model(nn.Module):
                 schedule=d.schedule, learn_sigma=d.learn_sigma, batch_mul=d.batch_mul, fused=cfg.fused_kernels,
                 precision=d.precision, checkpointing="diffusion" in cfg.checkpointing,
             )
+            self.diffloss.lean = cfg.lean_mlp
 
     @property
     def loss_names(self) -> list[str]:
@@ -109,21 +113,23 @@ class Stage1Model(nn.Module):
     # -- pieces -------------------------------------------------------------------------
 
     def align_losses(self, enc, visible_idx, teacher_layers, teacher_pooled):
-        """Per-layer alignment on visible tokens and the final pooled alignment."""
+        """Per-layer alignment on visible tokens and the final pooled alignment; ``teacher_layers``
+        (K, B, N_vis, W): the visible tokens (:func:`visible_teacher_layers`)."""
         b = visible_idx.shape[0]
         ncls = enc.num_cls
         pos = self.align_pos()[visible_idx]  # (B, N_vis, D)
         k, _, _, tw = teacher_layers.shape
-        targets = teacher_layers.reshape(k, b, -1, tw)  # (K, B, N, W): frames are b-major
+        if teacher_layers.shape[1:3] != visible_idx.shape:
+            raise ValueError(f"teacher_layers must be (K, B, N_vis, W) for visible_idx {tuple(visible_idx.shape)}, "
+                             f"got {tuple(teacher_layers.shape)}: gather them with visible_teacher_layers")
         layer_losses = []
         for i, head in enumerate(self.align_heads):
             pred = head(enc.layers[i][:, ncls:] + pos)
-            target = token_ops.gather_tokens(targets[i], visible_idx)
-            layer_losses.append(cosine_align_loss(pred, target.to(pred.dtype)))
+            layer_losses.append(cosine_align_loss(pred, teacher_layers[i].to(pred.dtype), lean=self.cfg.lean_mlp))
         loss_layers = torch.stack(layer_losses).mean()
         final_target = teacher_pooled.reshape(b, -1, tw).mean(1)
         final_pred = self.final_head(self.pool(enc.tokens))
-        loss_final = cosine_align_loss(final_pred, final_target.to(final_pred.dtype))
+        loss_final = cosine_align_loss(final_pred, final_target.to(final_pred.dtype), lean=self.cfg.lean_mlp)
         return loss_layers, loss_final
 
     def reconstruction_subset(self, masked_idx: torch.Tensor, rng: SampleRNG) -> torch.Tensor:
@@ -160,7 +166,8 @@ class Stage1Model(nn.Module):
         """All Stage-1 losses for one batch; ``loss`` is their weighted sum.
 
         video (B, C, T, H, W) normalised; visible_idx / masked_idx (B, N_vis) / (B, N_mask)
-        sorted; teacher_layers (K, B*T, L, W) and teacher_pooled (B*T, W) l2-normalised;
+        sorted; teacher_layers (K, B, N_vis, W): the teacher's l2-normalised layers at the
+        visible tokens (:func:`visible_teacher_layers`); teacher_pooled (B*T, W) l2-normalised;
         sample_seeds (B,) int64: per-sample random streams (see SampleRNG).
         """
         enc = self.encoder(video, visible_idx)
@@ -172,7 +179,7 @@ class Stage1Model(nn.Module):
             rng = SampleRNG(sample_seeds.tolist(), video.device)
             recon_idx = self.reconstruction_subset(masked_idx, rng)
             z = predict_masked(self.predictor, self.predictor_pos(), self.mask_token, enc, visible_idx, recon_idx,
-                               fused=self.cfg.fused_kernels)
+                               fused=self.cfg.fused_kernels, lean=self.cfg.lean_mlp)
             target = token_ops.gather_tokens(patchify(video, self.patch, self.tubelet), recon_idx)
             out.update(self.recon_loss(z, target, rng))
             total = total + w[2] * out["loss_recon"]
@@ -204,6 +211,19 @@ def build_teacher(cfg: ModelConfig, num_frames: int) -> SigLIPTeacher:
 def run_teacher(teacher: SigLIPTeacher, video: torch.Tensor, img_size: int) -> TeacherOutput:
     dtype = next(teacher.parameters()).dtype
     return teacher(prepare_teacher_input(video.float(), img_size).to(dtype))
+
+
+def visible_teacher_layers(layers: torch.Tensor, visible_idx: torch.Tensor) -> torch.Tensor:
+    """The teacher layers the alignment loss reads: (K, B*T, L, W) -> (K, B, N_vis, W).
+
+    Frames are b-major, so sample b's tokens are ``layers[:, b*T:(b+1)*T]`` flattened t-major,
+    the encoder's token order; ``visible_idx`` (B, N_vis) indexes them. Gathered right after
+    the mask is drawn so that the full-token layers are freed before the student forward.
+    """
+    k, _, _, w = layers.shape
+    b, n = visible_idx.shape
+    idx = visible_idx.to(layers.device).view(1, b, n, 1).expand(k, b, n, w)
+    return layers.reshape(k, b, -1, w).gather(2, idx)
 
 
 def make_mask(cfg: ModelConfig, rng: SampleRNG, grid: tuple[int, int, int], saliency=None) -> masking.MaskInfo:

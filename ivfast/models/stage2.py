@@ -51,7 +51,7 @@ def _encoder(cfg: ModelConfig, num_frames: int, img_size: int, drop_path: float,
         img_size=img_size, patch_size=e.patch_size, num_frames=num_frames, tubelet_size=e.tubelet_size,
         width=e.width, depth=e.depth, heads=e.heads, mlp_ratio=e.mlp_ratio, block=e.block,
         num_cls_tokens=e.num_cls_tokens, layer_scale_init=e.layer_scale_init, drop_path=drop_path,
-        pos_learnable=e.pos_learnable, fused=cfg.fused_kernels, checkpointing=checkpointing,
+        pos_learnable=e.pos_learnable, fused=cfg.fused_kernels, checkpointing=checkpointing, lean_mlp=cfg.lean_mlp,
     )
 
 
@@ -80,8 +80,10 @@ class Stage2Model(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(e.width))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.predictor_pos = PositionTable(e.width, *grid, num_cls=e.num_cls_tokens, learnable=e.pos_learnable)
-        self.predictor = predictor_from_config(p, e.width, checkpointing="predictor" in cfg.checkpointing)
+        self.predictor = predictor_from_config(p, e.width, checkpointing="predictor" in cfg.checkpointing,
+                                               lean_mlp=cfg.lean_mlp)
         self.head = MLPHead(p.width, e.width, l2=True)
+        self.head.lean = cfg.lean_mlp
         self.teacher = _encoder(cfg, num_frames, img_size, 0.0)
         self.teacher.requires_grad_(False)
         self.copy_encoder_to_teacher()
@@ -138,7 +140,7 @@ class Stage2Model(nn.Module):
     def view_loss(self, video, targets, visible_idx, masked_idx) -> torch.Tensor:
         enc = self.encoder(video, visible_idx)
         z = predict_masked(self.predictor, self.predictor_pos(), self.mask_token, enc, visible_idx, masked_idx,
-                           fused=self.cfg.fused_kernels)
+                           fused=self.cfg.fused_kernels, lean=self.cfg.lean_mlp)
         pred = self.head(z)  # per token: the head at the masked positions only
         return cosine_align_loss(pred, token_ops.gather_tokens(targets, masked_idx))
 

@@ -9,9 +9,30 @@ from __future__ import annotations
 import torch
 
 
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B, N, D), idx (B, M) -> (B, M, D) with out[b, m] = x[b, idx[b, m]]."""
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+class _GatherTokens(torch.autograd.Function):
+    """``torch.gather`` over dim 1 that keeps only the index for backward (autograd's gather
+    also keeps its whole input, for its shape)."""
+
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.save_for_backward(index)
+        ctx.shape = x.shape
+        return torch.gather(x, 1, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.shape).scatter_add_(1, index, grad), None
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, lean: bool = False) -> torch.Tensor:
+    """x (B, N, D), idx (B, M) -> (B, M, D) with out[b, m] = x[b, idx[b, m]].
+
+    ``lean``: backward keeps only ``idx`` (same values and gradient), not ``x``."""
+    index = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    if lean and x.requires_grad and torch.is_grad_enabled():
+        return _GatherTokens.apply(x, index)
+    return torch.gather(x, 1, index)
 
 
 def add_pos_and_gather(x: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,210 @@
+"""Lean MLPs (and LayerScale): the student's MLP shapes as autograd Functions that save less for backward.
+
+- :func:`gelu_mlp`: ``fc2(GELU(fc1(x)))`` (the encoder block's MLP, erf GELU, biases).
+  Saves ``x`` and fc1's output ``h``; backward recomputes ``GELU(h)`` for fc2's weight
+  gradient. Plain autograd also keeps ``GELU(h)`` (fc2's input): one hidden-wide tensor less.
+- :func:`geglu_mlp`: ``Wo(GELU(inp) * gate)`` with ``inp, gate = Wi(x).chunk(2)`` (the
+  predictor's ModernBERT MLP, erf GELU, no biases). Saves ``x`` and Wi's output; backward
+  recomputes ``GELU(inp)`` and the product. Plain autograd also keeps ``GELU(inp)`` and the
+  product (Wo's input): two hidden-wide tensors less, half of what the MLP saved.
+- :func:`cosine_align`: ``(2 - 2 * (pred.float() * target.float()).sum(-1)).mean()`` (the
+  alignment loss) for a target that needs no gradient. Saves ``target`` as it is (a live
+  teacher output); plain autograd keeps its fp32 copy.
+- :func:`layer_norm_l2`: ``F.normalize(F.layer_norm(x, ...))`` (the alignment heads' output).
+  Saves ``x`` only; backward recomputes the two elementwise ops and differentiates them.
+  Plain autograd keeps the LayerNorm's output and statistics too.
+- :func:`recompute_rows`: a row-wise elementwise function of tensors (no parameters, no
+  randomness), e.g. the diffusion head's variational-bound term (17 (M, C) tensors saved by
+  autograd). Saves its inputs only; backward runs it again, a chunk of rows at a time, and
+  differentiates it.
+- :func:`layer_scale`: ``(x.float() * gamma.float()).to(x.dtype)`` (the encoder's
+  LayerScale). Saves ``x`` in its own dtype; plain autograd keeps the fp32 copy ``x.float()``
+  (twice the bytes under bf16). Switched with the MLPs (``model.lean_mlp``).
+
+No matmul is recomputed, only the elementwise GELU (and the product); the backward runs the
+same aten ops as autograd's (``gelu_backward`` included), so values and gradients match the
+plain modules. Plain torch: CPU and GPU. The modules call these from their own ``forward``
+with their own (or their child Linears') parameters (DeepSpeed ZeRO-3 runs, 1 vs 2 ranks,
+match: tests/test_train.py; marking the modules ``_z3_leaf`` breaks Stage 2, whose modules
+run twice a step), and a checkpointed block (non-reentrant) recomputes through them like
+any other op. Under autocast
+the modules keep the plain path (the Function would see mixed dtypes in backward).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _mm_grads(grad2d: torch.Tensor, inp2d: torch.Tensor, weight: torch.Tensor):
+    """Linear's backward on 2-D views: (grad of its input, grad of its weight)."""
+    return grad2d @ weight, grad2d.t() @ inp2d
+
+
+class _GeluMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        h = F.linear(x, w1, b1)
+        ctx.save_for_backward(x, h, w1, w2)
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        return F.linear(F.gelu(h), w2, b2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, h, w1, w2 = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        act = F.gelu(h).reshape(-1, h.shape[-1])  # fc2's input, recomputed
+        grad_act, grad_w2 = _mm_grads(g2, act, w2)
+        del act
+        grad_b2 = g2.sum(0) if ctx.has_b2 and ctx.needs_input_grad[4] else None
+        grad_h = torch.ops.aten.gelu_backward(grad_act, h.reshape(-1, h.shape[-1]), approximate="none")
+        del grad_act
+        grad_x, grad_w1 = _mm_grads(grad_h, x.reshape(-1, x.shape[-1]), w1)
+        grad_b1 = grad_h.sum(0) if ctx.has_b1 and ctx.needs_input_grad[2] else None
+        return grad_x.reshape(x.shape), grad_w1, grad_b1, grad_w2, grad_b2
+
+
+class _GegluMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, wi, wo):
+        h = F.linear(x, wi)
+        ctx.save_for_backward(x, h, wi, wo)
+        inp, gate = h.chunk(2, dim=-1)
+        return F.linear(F.gelu(inp) * gate, wo)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # At most three hidden-wide temporaries: grad_h (two) + Wo's input, then + grad_prod.
+        x, h, wi, wo = ctx.saved_tensors
+        h2 = h.reshape(-1, h.shape[-1])
+        inp, gate = h2.chunk(2, dim=-1)
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_h = torch.empty_like(h2)
+        grad_inp, grad_gate = grad_h.chunk(2, dim=-1)
+        act = torch.ops.aten.gelu.out(inp, approximate="none", out=grad_gate)  # recomputed, in place
+        grad_wo = g2.t() @ (act * gate)  # Wo's input, recomputed
+        grad_prod = g2 @ wo
+        grad_gate.mul_(grad_prod)  # GELU(inp) * grad_prod
+        grad_prod.mul_(gate)
+        torch.ops.aten.gelu_backward.grad_input(grad_prod, inp, approximate="none", grad_input=grad_inp)
+        del grad_prod
+        grad_x, grad_wi = _mm_grads(grad_h, x.reshape(-1, x.shape[-1]), wi)
+        return grad_x.reshape(x.shape), grad_wi, grad_wo
+
+
+class _LayerScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gamma):
+        ctx.save_for_backward(x, gamma)
+        return (x.float() * gamma.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, gamma = ctx.saved_tensors
+        g = grad.float()
+        grad_x = (g * gamma.float()).to(x.dtype)
+        grad_gamma = (g * x.float()).sum_to_size(gamma.shape).to(gamma.dtype)
+        return grad_x, grad_gamma
+
+
+class _CosineAlign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pred, target):
+        ctx.save_for_backward(target)
+        ctx.pred_dtype, ctx.count = pred.dtype, pred[..., 0].numel()
+        return (2.0 - 2.0 * (pred.float() * target.float()).sum(dim=-1)).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (target,) = ctx.saved_tensors
+        g = (grad / ctx.count).expand(target.shape[:-1])
+        g = -g * 2.0
+        return (g.unsqueeze(-1) * target.float()).to(ctx.pred_dtype), None
+
+
+def cosine_align(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``(2 - 2 * (pred.float() * target.float()).sum(-1)).mean()`` saving ``target`` as it is
+    (no gradient for ``target``)."""
+    if target.requires_grad:
+        raise ValueError("cosine_align: the target must not require grad")
+    return _CosineAlign.apply(pred, target)
+
+
+class _LayerNormL2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.eps = eps
+        return F.normalize(F.layer_norm(x, (x.shape[-1],), weight, bias, eps), dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        leaves = [t.detach().requires_grad_(n) for t, n in zip((x, weight, bias), ctx.needs_input_grad[:3])]
+        wanted = [t for t in leaves if t.requires_grad]
+        with torch.enable_grad():  # the same two ops again, then their autograd backward
+            out = F.normalize(F.layer_norm(leaves[0], (x.shape[-1],), leaves[1], leaves[2], ctx.eps), dim=-1)
+            grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+        return tuple(next(grads) if t.requires_grad else None for t in leaves) + (None,)
+
+
+def layer_norm_l2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """``F.normalize(F.layer_norm(x, (D,), weight, bias, eps), dim=-1)`` saving only ``x``."""
+    return _LayerNormL2.apply(x, weight, bias, eps)
+
+
+class _RecomputeRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, chunk, *xs):
+        ctx.fn, ctx.chunk = fn, chunk
+        ctx.save_for_backward(*xs)
+        return fn(*xs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xs = ctx.saved_tensors
+        needs = [n and x.is_floating_point() for x, n in zip(xs, ctx.needs_input_grad[2:])]
+        grads = [torch.zeros_like(x) if n else None for x, n in zip(xs, needs)]
+        for lo in range(0, xs[0].shape[0], ctx.chunk):  # rows are independent: one chunk's graph at a time
+            leaves = [x[lo:lo + ctx.chunk].detach().requires_grad_(n) for x, n in zip(xs, needs)]
+            wanted = [x for x in leaves if x.requires_grad]
+            with torch.enable_grad():
+                out = ctx.fn(*leaves)
+                got = iter(torch.autograd.grad(out, wanted, grad[lo:lo + ctx.chunk], allow_unused=True))
+            for g, n in zip(grads, needs):
+                if n:
+                    part = next(got)
+                    if part is not None:
+                        g[lo:lo + ctx.chunk] = part
+        return (None, None) + tuple(grads)
+
+
+def recompute_rows(fn, *xs: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """``fn(*xs)`` saving only ``xs``: backward runs ``fn`` again, ``chunk`` rows at a time.
+
+    Every ``x`` has the rows as its first dim and ``fn`` maps rows to rows independently
+    (``out[i]`` depends on row i only). For cheap elementwise work only; ``fn`` must use no
+    parameters and no random numbers."""
+    return _RecomputeRows.apply(fn, int(chunk), *xs)
+
+
+def layer_scale(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """``(x.float() * gamma.float()).to(x.dtype)`` saving ``x`` in its own dtype."""
+    return _LayerScale.apply(x, gamma)
+
+
+def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+             b2: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)`` saving only ``x`` and fc1's output."""
+    return _GeluMLP.apply(x, w1, b1, w2, b2)
+
+
+def geglu_mlp(x: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor) -> torch.Tensor:
+    """``F.linear(F.gelu(inp) * gate, wo)`` with ``inp, gate = F.linear(x, wi).chunk(2, -1)``,
+    saving only ``x`` and Wi's output."""
+    return _GegluMLP.apply(x, wi, wo)
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the lean path applies: autograd records and no autocast (else: the plain modules)."""
+    return torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
