@@ -222,3 +222,115 @@ def test_recompute_rows_matches_plain_autograd(chunk):
     saved, _ = saved_bytes(lambda: lean_mlp.recompute_rows(lambda *xs: _vb_terms(d, c, *xs), out, target, x_t, t))
     plain, _ = saved_bytes(lambda: _vb_terms(d, c, out, target, x_t, t))
     assert saved.total == out.nbytes + target.nbytes + x_t.nbytes + t.nbytes < plain.total
+
+
+def _ref_norm_linear(x, ln_w, ln_b, w, eps=1e-5):
+    return F.linear(F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps), w)
+
+
+def _ref_norm_geglu_mlp(x, ln_w, ln_b, wi, wo, eps=1e-5):
+    return _ref_geglu_mlp(F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps), wi, wo)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead,d,out", [((7, 13), 40, 120), ((5,), 16, 9), ((2, 3, 4), 1, 6)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_norm_linear_matches_reference(dtype, lead, d, out, bias):
+    """fp32: FP32_TOL (1e-5); bf16: BF16_TOL (2e-2); in practice equal (same kernels)."""
+    fn = lambda x, lw, lb, w: lean_mlp.norm_linear(x, lw, lb, 1e-5, w)  # noqa: E731
+    shapes = [(*lead, d), (d,), (d,) if bias else None, (out, d)]
+    _check(fn, _ref_norm_linear, shapes, dtype, seed=d + out + bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead,d,hidden", [((7, 13), 40, 23), ((1, 33), 32, 48), ((6,), 5, 1)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_norm_geglu_mlp_matches_reference(dtype, lead, d, hidden, bias):
+    fn = lambda x, lw, lb, wi, wo: lean_mlp.norm_geglu_mlp(x, lw, lb, 1e-5, wi, wo)  # noqa: E731
+    shapes = [(*lead, d), (d,), (d,) if bias else None, (2 * hidden, d), (d, hidden)]
+    _check(fn, _ref_norm_geglu_mlp, shapes, dtype, seed=d + hidden + bias)
+
+
+def test_norm_functions_skip_unneeded_gradients():
+    """Only the inputs that require grad get one (ctx.needs_input_grad), with the same values."""
+    g = torch.Generator().manual_seed(3)
+    x, lw, lb = torch.randn(4, 6, 40, generator=g), torch.randn(40, generator=g), torch.randn(40, generator=g)
+    wi, wo = torch.randn(46, 40, generator=g), torch.randn(40, 23, generator=g)
+    for wanted in ([0], [1], [1, 2], [3], [4], [0, 4]):
+        a = [t.clone().requires_grad_(i in wanted) for i, t in enumerate((x, lw, lb, wi, wo))]
+        b = [t.detach().clone().requires_grad_(i in wanted) for i, t in enumerate((x, lw, lb, wi, wo))]
+        lean_mlp.norm_geglu_mlp(a[0], a[1], a[2], 1e-5, a[3], a[4]).square().sum().backward()
+        _ref_norm_geglu_mlp(*b).square().sum().backward()
+        if any(i < 4 for i in wanted):
+            lean_mlp.norm_linear(a[0], a[1], a[2], 1e-5, a[3]).sum().backward()
+            _ref_norm_linear(*b[:4]).sum().backward()
+        for i, (p, q) in enumerate(zip(a, b)):
+            assert (p.grad is None) == (i not in wanted)
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, **FP32_TOL)
+
+
+def _layer(width=40, heads=4, hidden=23, lean=False):
+    from ivfast.models.predictor import ModernBertLayer
+
+    layer = ModernBertLayer(width, heads, hidden, layer_id=1, is_global=False, window=6, rope_theta=1e4,
+                            norm_eps=1e-5)
+    layer.attn.lean = layer.mlp.lean = lean
+    return layer
+
+
+@pytest.mark.parametrize("dtype,a", [(torch.float32, 4), (torch.bfloat16, 2)])
+def test_lean_layer_keeps_no_layer_norm_outputs(dtype, a):
+    """The lean ModernBERT layer saves exactly the two LayerNorm outputs (2 x width per token) less
+    than the plain norms followed by the lean MLP (model.lean_mlp's layer before), and the MLP's
+    two hidden-wide tensors less on top against the plain path."""
+    from ivfast.models.predictor import rope_tables
+
+    torch.manual_seed(4)
+    b, n, width, hidden = 7, 13, 40, 23
+    layer = _layer(width, hidden=hidden).to(dtype)
+    cos, sin = rope_tables(n, width // 4, 1e4, "cpu")
+    x = torch.randn(b, n, width, dtype=dtype, requires_grad=True)
+
+    def norms_then_lean_mlp():  # the modules one by one: only ModernBertMLP.forward is lean
+        y = x + layer.attn(layer.attn_norm(x), cos, sin)
+        return y + layer.mlp(layer.mlp_norm(y))
+
+    got = {}
+    for mode, fn in (("plain", lambda: layer(x, cos, sin)), ("mlp only", norms_then_lean_mlp),
+                     ("lean", lambda: layer(x, cos, sin))):
+        layer.attn.lean = layer.mlp.lean = mode != "plain"
+        got[mode], _ = saved_bytes(fn, params=layer.parameters())
+    assert got["mlp only"].total - got["lean"].total == b * n * 2 * width * a
+    assert got["plain"].total - got["mlp only"].total == b * n * 2 * hidden * a
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_predictor_lean_layers_match_plain(dtype, monkeypatch):
+    """The whole predictor, lean on vs off, same weights: outputs and every gradient (fp32: 1e-5;
+    bf16: BF16_TOL), unchanged state_dict names, and the lean Functions really run."""
+    torch.manual_seed(5)
+    kw = dict(in_dim=12, width=40, depth=3, heads=4, mlp_hidden=23, window=4, global_every=2, first_layer_id=0)
+    ref, lean = Predictor(**kw).to(dtype), Predictor(**kw, lean_mlp=True).to(dtype)
+    with torch.no_grad():  # non-trivial norm weights
+        for p in ref.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    lean.load_state_dict(ref.state_dict())
+    assert list(lean.state_dict()) == list(ref.state_dict())
+    calls = []
+    for name in ("norm_linear", "norm_geglu_mlp"):
+        fn = getattr(lean_mlp, name)
+        monkeypatch.setattr(lean_mlp, name, lambda *args, _fn=fn, _n=name: calls.append(_n) or _fn(*args))
+    x = torch.randn(2, 7 * 13 // 2, 12, dtype=dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ref(xa), lean(xb)
+    assert sorted(set(calls)) == ["norm_geglu_mlp", "norm_linear"] and len(calls) == 6
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    torch.testing.assert_close(yb, ya, **tol)
+    go = torch.randn(ya.shape, dtype=dtype)
+    ya.backward(go)
+    yb.backward(go)
+    torch.testing.assert_close(xb.grad, xa.grad, **tol)
+    for (n, p), q in zip(ref.named_parameters(), lean.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, **tol, msg=lambda m: f"{n}: {m}")

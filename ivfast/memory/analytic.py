@@ -25,7 +25,8 @@ Two presets:
   diffusion head in ``model.diffusion.precision`` (auto: bf16), activation checkpointing
   per module from ``model.checkpointing``, diffusion tokens scaled by
   ``model.diffusion.reconstruction_ratio``, the lean MLPs of ``model.lean_mlp`` (encoder:
-  fc1 input and output kept; predictor GeGLU: input and Wi output kept), the teacher layers
+  fc1 input and output kept; predictor: each LayerNorm and the Linear after it keep the
+  norm's input and stats, not its output, and the GeGLU keeps Wi's output), the teacher layers
   gathered at the visible tokens before the student runs, ZeRO's reduce bucket from
   ``deepspeed.reduce_bucket_size`` (ivfast's default 5e7: 93 MiB); the predictor's attention
   keeps its own copy of v instead of the whole Wqkv output. ``model.lean_mlp`` also covers
@@ -208,14 +209,18 @@ def pool(d: int, heads: int, a: int, attention: str) -> float:
 
 def predictor_layer(w: int, heads: int, hidden: int, n: int, window: int | None, a: int, attention: str,
                     lean: bool = False, v_copy: bool = False) -> float:
-    """Per token of one ModernBERT layer (window: keys seen per query, None = global). The
-    GeGLU MLP keeps Wi's output (2 x hidden), GELU(input) and the product; ``lean``: Wi's output."""
+    """Per token of one ModernBERT layer (window: keys seen per query, None = global): each of
+    the two LayerNorms keeps its input and stats and hands its output to a Linear that keeps it
+    (Wqkv, Wi); the GeGLU MLP keeps Wi's output (2 x hidden), GELU(input) and the product.
+    ``lean``: the LayerNorm outputs are not kept (recomputed in backward) and the MLP keeps
+    Wi's output only."""
     del window  # flash-class attention saves O(N) either way; math keeps full N x N probabilities
     if attention == "math":
         attn = 12 * w + 4 * heads * n + a * w
     else:  # RoPE'd q, k, v (a view keeps the whole Wqkv output; ``v_copy``: its own), out (= Wo input), lse
         attn = 2 * a * w + (1 if v_copy else 3) * a * w + a * w + 4 * heads
-    return a * w + 8 + a * w + attn + a * w + 8 + a * w + (2 if lean else 4) * a * hidden
+    norm_out = 0 if lean else a * w  # a LayerNorm's output, kept as the next Linear's input
+    return a * w + 8 + norm_out + attn + a * w + 8 + norm_out + (2 if lean else 4) * a * hidden
 
 
 def predictor_in(d: int, w: int, a: int, lean: bool = False) -> float:

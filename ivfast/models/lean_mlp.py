@@ -7,6 +7,14 @@
   predictor's ModernBERT MLP, erf GELU, no biases). Saves ``x`` and Wi's output; backward
   recomputes ``GELU(inp)`` and the product. Plain autograd also keeps ``GELU(inp)`` and the
   product (Wo's input): two hidden-wide tensors less, half of what the MLP saved.
+- :func:`norm_linear`: ``F.linear(F.layer_norm(x, ...), weight)`` (the predictor's
+  ``attn_norm`` + bias-free ``Wqkv``) and :func:`norm_geglu_mlp`: :func:`geglu_mlp` of
+  ``F.layer_norm(x, ...)`` (``mlp_norm`` + the MLP). Save ``x`` and the LayerNorm's mean and
+  rstd (kept by the plain LayerNorm too), not its output (the Linear's input): backward
+  recomputes it for the weight gradient with the forward's kernel (``native_layer_norm``:
+  the same bits, one pass; the CPU keeps bf16 stats in bf16, so rebuilding it from them
+  would not match) and runs ``native_layer_norm_backward`` on the saved stats for the norm.
+  One width-wide tensor less per call.
 - :func:`cosine_align`: ``(2 - 2 * (pred.float() * target.float()).sum(-1)).mean()`` (the
   alignment loss) for a target that needs no gradient. Saves ``target`` as it is (a live
   teacher output); plain autograd keeps its fp32 copy.
@@ -21,10 +29,11 @@
   LayerScale). Saves ``x`` in its own dtype; plain autograd keeps the fp32 copy ``x.float()``
   (twice the bytes under bf16). Switched with the MLPs (``model.lean_mlp``).
 
-No matmul is recomputed, only the elementwise GELU (and the product); the backward runs the
-same aten ops as autograd's (``gelu_backward`` included), so values and gradients match the
-plain modules. Plain torch: CPU and GPU. The modules call these from their own ``forward``
-with their own (or their child Linears') parameters (DeepSpeed ZeRO-3 runs, 1 vs 2 ranks,
+No matmul is recomputed, only the elementwise GELU (and the product) and the LayerNorm's
+output; the backward runs the same aten ops as autograd's (``gelu_backward`` and
+``native_layer_norm_backward`` included), so values and gradients match the plain modules.
+Plain torch: CPU and GPU. The modules call these from their own ``forward`` with their own
+(or their child modules') parameters (DeepSpeed ZeRO-3 runs, 1 vs 2 ranks,
 match: tests/test_train.py; marking the modules ``_z3_leaf`` breaks Stage 2, whose modules
 run twice a step), and a checkpointed block (non-reentrant) recomputes through them like
 any other op. Under autocast
@@ -64,32 +73,102 @@ class _GeluMLP(torch.autograd.Function):
         return grad_x.reshape(x.shape), grad_w1, grad_b1, grad_w2, grad_b2
 
 
+def _geglu_out(h: torch.Tensor, wo: torch.Tensor) -> torch.Tensor:
+    inp, gate = h.chunk(2, dim=-1)
+    return F.linear(F.gelu(inp) * gate, wo)
+
+
+def _geglu_backward(grad: torch.Tensor, h: torch.Tensor, wo: torch.Tensor, need_wo: bool):
+    """GeGLU's backward from Wi's output ``h``: (grad of ``h`` on 2-D rows, grad of ``wo`` or None).
+    At most three hidden-wide temporaries: grad_h (two) + Wo's input, then + grad_prod."""
+    h2 = h.reshape(-1, h.shape[-1])
+    inp, gate = h2.chunk(2, dim=-1)
+    g2 = grad.reshape(-1, grad.shape[-1])
+    grad_h = torch.empty_like(h2)
+    grad_inp, grad_gate = grad_h.chunk(2, dim=-1)
+    act = torch.ops.aten.gelu.out(inp, approximate="none", out=grad_gate)  # recomputed, in place
+    grad_wo = g2.t() @ (act * gate) if need_wo else None  # Wo's input, recomputed
+    grad_prod = g2 @ wo
+    grad_gate.mul_(grad_prod)  # GELU(inp) * grad_prod
+    grad_prod.mul_(gate)
+    torch.ops.aten.gelu_backward.grad_input(grad_prod, inp, approximate="none", grad_input=grad_inp)
+    return grad_h, grad_wo
+
+
 class _GegluMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, wi, wo):
         h = F.linear(x, wi)
         ctx.save_for_backward(x, h, wi, wo)
-        inp, gate = h.chunk(2, dim=-1)
-        return F.linear(F.gelu(inp) * gate, wo)
+        return _geglu_out(h, wo)
 
     @staticmethod
     def backward(ctx, grad):
-        # At most three hidden-wide temporaries: grad_h (two) + Wo's input, then + grad_prod.
         x, h, wi, wo = ctx.saved_tensors
-        h2 = h.reshape(-1, h.shape[-1])
-        inp, gate = h2.chunk(2, dim=-1)
-        g2 = grad.reshape(-1, grad.shape[-1])
-        grad_h = torch.empty_like(h2)
-        grad_inp, grad_gate = grad_h.chunk(2, dim=-1)
-        act = torch.ops.aten.gelu.out(inp, approximate="none", out=grad_gate)  # recomputed, in place
-        grad_wo = g2.t() @ (act * gate)  # Wo's input, recomputed
-        grad_prod = g2 @ wo
-        grad_gate.mul_(grad_prod)  # GELU(inp) * grad_prod
-        grad_prod.mul_(gate)
-        torch.ops.aten.gelu_backward.grad_input(grad_prod, inp, approximate="none", grad_input=grad_inp)
-        del grad_prod
+        grad_h, grad_wo = _geglu_backward(grad, h, wo, ctx.needs_input_grad[2])
         grad_x, grad_wi = _mm_grads(grad_h, x.reshape(-1, x.shape[-1]), wi)
         return grad_x.reshape(x.shape), grad_wi, grad_wo
+
+
+def _norm_linear_grads(ctx, grad2d, x, ln_weight, ln_bias, weight, need_weight: bool, need_norm: bool):
+    """The Linear's part of ``F.linear(LayerNorm(x), weight)``'s backward, from its output's grad
+    on 2-D rows: (grad of ``weight``, grad of the LayerNorm's output), None where not needed.
+    The Linear's input is recomputed by the forward's own kernel (the same bits; one width-wide
+    tensor, freed before the grad of it is made)."""
+    grad_w = grad_y = None
+    if need_weight:
+        y = torch.ops.aten.native_layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, ctx.eps)[0]
+        grad_w = grad2d.t() @ y.reshape(-1, y.shape[-1])
+        del y
+    if need_norm:
+        grad_y = (grad2d @ weight).reshape(x.shape)
+    return grad_w, grad_y
+
+
+def _norm_grads(grad_y, x, mean, rstd, ln_weight, ln_bias, needs):
+    """The LayerNorm's backward (autograd's kernel): grads of (x, ln_weight, ln_bias) as ``needs``."""
+    mask = [bool(needs[0]), bool(needs[1] and ln_weight is not None), bool(needs[2] and ln_bias is not None)]
+    if grad_y is None or not any(mask):
+        return None, None, None
+    return tuple(torch.ops.aten.native_layer_norm_backward(grad_y, x, (x.shape[-1],), mean, rstd, ln_weight,
+                                                           ln_bias, mask))
+
+
+class _NormLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, eps, weight):
+        y, mean, rstd = torch.ops.aten.native_layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
+        ctx.save_for_backward(x, mean, rstd, ln_weight, ln_bias, weight)
+        ctx.eps = eps
+        return F.linear(y, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, rstd, ln_weight, ln_bias, weight = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        grad_w, grad_y = _norm_linear_grads(ctx, grad.reshape(-1, grad.shape[-1]), x, ln_weight, ln_bias, weight,
+                                            n[4], any(n[:3]))
+        return (*_norm_grads(grad_y, x, mean, rstd, ln_weight, ln_bias, n), None, grad_w)
+
+
+class _NormGegluMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, eps, wi, wo):
+        y, mean, rstd = torch.ops.aten.native_layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
+        h = F.linear(y, wi)
+        del y
+        ctx.save_for_backward(x, mean, rstd, h, ln_weight, ln_bias, wi, wo)
+        ctx.eps = eps
+        return _geglu_out(h, wo)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, rstd, h, ln_weight, ln_bias, wi, wo = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        grad_h, grad_wo = _geglu_backward(grad, h, wo, n[5])
+        grad_wi, grad_y = _norm_linear_grads(ctx, grad_h, x, ln_weight, ln_bias, wi, n[4], any(n[:3]))
+        del grad_h  # before the norm's backward, like autograd's order
+        return (*_norm_grads(grad_y, x, mean, rstd, ln_weight, ln_bias, n), None, grad_wi, grad_wo)
 
 
 class _LayerScale(torch.autograd.Function):
@@ -203,6 +282,20 @@ def geglu_mlp(x: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor) -> torch.Tens
     """``F.linear(F.gelu(inp) * gate, wo)`` with ``inp, gate = F.linear(x, wi).chunk(2, -1)``,
     saving only ``x`` and Wi's output."""
     return _GegluMLP.apply(x, wi, wo)
+
+
+def norm_linear(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float,
+                weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(F.layer_norm(x, (D,), ln_weight, ln_bias, eps), weight)`` saving ``x`` and the
+    norm's stats, not its output."""
+    return _NormLinear.apply(x, ln_weight, ln_bias, eps, weight)
+
+
+def norm_geglu_mlp(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float,
+                   wi: torch.Tensor, wo: torch.Tensor) -> torch.Tensor:
+    """:func:`geglu_mlp` of ``F.layer_norm(x, (D,), ln_weight, ln_bias, eps)`` saving ``x``, the
+    norm's stats and Wi's output, not the norm's output."""
+    return _NormGegluMLP.apply(x, ln_weight, ln_bias, eps, wi, wo)
 
 
 def usable(x: torch.Tensor) -> bool:

@@ -46,6 +46,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class ModernBertAttention(nn.Module):
+    lean = False  # set by Predictor(lean_mlp=True): the layer runs attn_norm + Wqkv as lean_mlp.norm_linear
+
     def __init__(self, width: int, heads: int, window: int | None):
         super().__init__()
         if width % heads != 0:
@@ -57,8 +59,12 @@ class ModernBertAttention(nn.Module):
         self.Wo = nn.Linear(width, width, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        qkv = self.Wqkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.attend(self.Wqkv(x), cos, sin)
+
+    def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The attention after Wqkv: ``qkv`` (B, N, 3 * width) -> (B, N, width)."""
+        b, n, _ = qkv.shape
+        qkv = qkv.view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, N, Dh) each
         # v on its own storage ((B, N, H, Dh) rows, flash-attn's layout): attention keeps v for
         # backward, and a view would keep the whole Wqkv output alive next to the RoPE'd q, k.
@@ -66,7 +72,7 @@ class ModernBertAttention(nn.Module):
         q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype))
         k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype))
         o = attention(q, k, v, window=self.window)
-        return self.Wo(o.transpose(1, 2).reshape(b, n, d))
+        return self.Wo(o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
 
 class ModernBertMLP(nn.Module):
@@ -80,8 +86,12 @@ class ModernBertMLP(nn.Module):
         self.act = nn.GELU()
         self.Wo = nn.Linear(hidden, width, bias=False)
 
+    def lean_applies(self, x: torch.Tensor) -> bool:
+        """Whether the lean Functions replace the plain modules for input ``x``."""
+        return self.lean and self.act.approximate == "none" and lean_mlp.usable(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lean and self.act.approximate == "none" and lean_mlp.usable(x):
+        if self.lean_applies(x):
             return lean_mlp.geglu_mlp(x, self.Wi.weight, self.Wo.weight)
         inp, gate = self.Wi(x).chunk(2, dim=-1)
         return self.Wo(self.act(inp) * gate)
@@ -109,7 +119,18 @@ class ModernBertLayer(nn.Module):
         self.mlp = ModernBertMLP(width, mlp_hidden)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+        # lean: each norm and the Linear after it in one Function that keeps the norm's input
+        # and stats for backward, not its output (ivfast.models.lean_mlp; same values)
+        if self.attn.lean and lean_mlp.usable(x):
+            norm = self.attn_norm
+            qkv = lean_mlp.norm_linear(x, norm.weight, norm.bias, norm.eps, self.attn.Wqkv.weight)
+            x = x + self.attn.attend(qkv, cos, sin)
+        else:
+            x = x + self.attn(self.attn_norm(x), cos, sin)
+        if self.mlp.lean_applies(x):
+            norm = self.mlp_norm
+            return x + lean_mlp.norm_geglu_mlp(x, norm.weight, norm.bias, norm.eps, self.mlp.Wi.weight,
+                                               self.mlp.Wo.weight)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -118,7 +139,8 @@ class Predictor(nn.Module):
     ``first_layer_id .. first_layer_id + depth - 1``; forward (B, N, in_dim) -> (B, N, width).
 
     ``checkpointing``: recompute each layer in backward (``ivfast.models.checkpointing``).
-    ``lean_mlp``: the MLPs save less for backward (``ivfast.models.lean_mlp``; same values)."""
+    ``lean_mlp``: the MLPs save less for backward, and the layers keep no LayerNorm outputs
+    (``ivfast.models.lean_mlp``; same values)."""
 
     def __init__(
         self,
@@ -154,7 +176,7 @@ class Predictor(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.in_proj.lean = bool(lean_mlp)
         for layer in self.layers:
-            layer.mlp.lean = bool(lean_mlp)
+            layer.attn.lean = layer.mlp.lean = bool(lean_mlp)
         self.reset_parameters()
 
     @property
