@@ -85,6 +85,9 @@ class DiffusionConfig:
     batch_mul: int = 1
     reconstruction_ratio: float = 1.0  # share of each sample's masked tokens given to the diffusion loss
     precision: Literal["auto", "fp32"] = "auto"  # fp32: the head computes in fp32 (the release) under bf16 training
+    # > 0: loss and gradients computed this many rows at a time in the forward, only the
+    # gradients kept for backward (ivfast.models.chunked_loss); 0: plain autograd. Off under ZeRO-3.
+    chunk_rows: int = 8192
 
 
 @dataclass
@@ -404,6 +407,8 @@ def validate(cfg: Config) -> None:
     _check(m.diffusion.num_timesteps >= 2, "model.diffusion.num_timesteps", m.diffusion.num_timesteps, "must be >= 2")
     _check(0.0 < m.diffusion.reconstruction_ratio <= 1.0, "model.diffusion.reconstruction_ratio",
            m.diffusion.reconstruction_ratio, "must be in (0, 1]")
+    _check(m.diffusion.chunk_rows >= 0, "model.diffusion.chunk_rows", m.diffusion.chunk_rows,
+           "must be >= 0 (0: no chunking)")
     _check(all(c in CHECKPOINTABLE for c in m.checkpointing) and len(set(m.checkpointing)) == len(m.checkpointing),
            "model.checkpointing", m.checkpointing, f"must be distinct names from {list(CHECKPOINTABLE)}")
     _check(m.predictor.window >= 2, "model.predictor.window", m.predictor.window, "must be >= 2")

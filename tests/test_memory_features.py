@@ -141,7 +141,8 @@ def test_lowmem_config_checkpoints_all_three_modules_and_keeps_the_method():
 
 @pytest.mark.parametrize("module", ["encoder", "predictor", "diffusion"])
 def test_checkpointing_keeps_loss_and_grads_and_saves_less(module, batch, monkeypatch):
-    wide = ["model.diffusion.width=256", "model.diffusion.depth=4"]  # blocks, not the 588-pixel ends, dominate
+    wide = ["model.diffusion.width=256", "model.diffusion.depth=4",  # blocks, not the 588-pixel ends, dominate
+            "model.diffusion.chunk_rows=0"]  # chunked, the head keeps only gradients: nothing to checkpoint
     ref, ckpt = twin_models(*wide, f"model.checkpointing=[{module}]", base=wide)
     flags = {"encoder": ckpt.encoder.checkpointing, "predictor": ckpt.predictor.checkpointing,
              "diffusion": ckpt.diffloss.net.checkpointing}
@@ -379,7 +380,8 @@ def test_tiny_trains_two_steps_with_every_switch_on(tmp_path):
 def test_lean_mlp_keeps_loss_and_grads_and_saves_less(extra, batch, monkeypatch):
     """model.lean_mlp (the default) against the plain modules, same weights, fp32: the same losses
     and gradients, less kept for backward (without checkpointing)."""
-    ref, lean = twin_models("model.lean_mlp=true", *extra, base=["model.lean_mlp=false", *extra])
+    both = [*extra, "model.diffusion.chunk_rows=0"]  # chunked, the head keeps only gradients either way
+    ref, lean = twin_models("model.lean_mlp=true", *both, base=["model.lean_mlp=false", *both])
     assert lean.encoder.blocks[0].mlp.lean and lean.predictor.layers[0].mlp.lean and lean.align_heads[0].lean
     assert not (ref.encoder.blocks[0].mlp.lean or ref.predictor.layers[0].mlp.lean or ref.align_heads[0].lean)
     out_ref, g_ref, bytes_ref = saved_bytes(ref, batch, monkeypatch)

@@ -29,10 +29,15 @@ Two presets:
   norm's input and stats, not its output, and the GeGLU keeps Wi's output), the teacher layers
   gathered at the visible tokens before the student runs, ZeRO's reduce bucket from
   ``deepspeed.reduce_bucket_size`` (ivfast's default 5e7: 93 MiB); the predictor's attention
-  keeps its own copy of v instead of the whole Wqkv output. ``model.lean_mlp`` also covers
+  keeps its own copy of v instead of the whole Wqkv output; with ``model.diffusion.chunk_rows``
+  > 0 (not under ZeRO-3) the diffusion head's loss and backward run a chunk of rows at a time
+  in the forward, so its activations are the gradient w.r.t. z (rows x predictor width, bf16)
+  plus float32 gradients of the head's parameters, and one chunk's activations and backward
+  working set are a transient. ``model.lean_mlp`` also covers
   the encoder's LayerScale inputs (kept in bf16), the alignment heads (LayerNorm + l2
   normalise recomputed, the cosine loss keeping the bf16 target), the masked-token gather
-  (index only) and the diffusion loss's variational-bound term (recomputed in backward).
+  (index only) and the diffusion loss's variational-bound term (recomputed in backward; in
+  a chunked head it is not).
 
 Assumptions (the same for both ways and every row; they are printed in the report):
 
@@ -83,6 +88,7 @@ class Way:
     lean_mlp: bool = False  # encoder / predictor MLPs keep only their input and fc1 output
     teacher_visible_only: bool = False  # the teacher layers live through the step at the visible tokens only
     predictor_v_copy: bool = False  # the predictor's attention keeps a copy of v, not the whole Wqkv output
+    diffusion_chunk_rows: int = 0  # > 0: the head's loss + backward run in chunks in the forward (not under ZeRO-3)
 
 
 @dataclass
@@ -284,6 +290,7 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
     block = encoder_block(e.width, e.heads, hidden, n_enc, a, way.attention, way.fused, way.lean_mlp) * B * n_enc
     embed = encoder_embed(3 * e.tubelet_size * e.patch_size ** 2, e.width, a, way.fused) * B * s.frames * s.grid
     acts, trans = {}, {}
+    chunk = way.diffusion_chunk_rows if zero < 3 else 0  # ZeRO-3: plain autograd (the trainer's rule)
     if _ckpt("encoder", way):
         acts["encoder"] = embed + e.depth * a * e.width * B * n_enc
         trans["encoder recompute (one block)"] = block
@@ -312,17 +319,26 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
             dcfg = m.diffusion
             rows = B * s.masked * dcfg.batch_mul * way.reconstruction_ratio
             cout = 2 * c if dcfg.learn_sigma else c
-            parts = diffusion_rows(dcfg.width, p.width, c, cout, dcfg.depth, way.diffusion_bytes, a, way.fused,
-                                   dcfg.learn_sigma, way.lean_mlp)
-            if _ckpt("diffusion", way):
-                blocks = dcfg.depth * way.diffusion_bytes * dcfg.width * rows
-                trans["diffusion recompute (one block)"] = parts["blocks"] / dcfg.depth * rows
+            d, head_params = way.diffusion_bytes, params.trainable.get("diffusion head", 0)
+            weight_copies = head_params * (d - a) if d > a else 0  # fp32 copies of bf16 weights (fp32 head)
+            # inside a chunk the VB term is not recomputed (lean off): its saves die with the chunk
+            parts = diffusion_rows(dcfg.width, p.width, c, cout, dcfg.depth, d, a, way.fused,
+                                   dcfg.learn_sigma, way.lean_mlp and not chunk)
+            ckpt = _ckpt("diffusion", way)
+            recompute = parts["blocks"] / dcfg.depth if ckpt else 0  # one block's internals, per row
+            per_row = (parts["embed"] + parts["final"] + parts["loss"]
+                       + (dcfg.depth * d * dcfg.width if ckpt else parts["blocks"]))
+            if chunk:
+                # kept for backward: the gradient w.r.t. z and the float32 parameter gradients
+                acts["diffusion head"] = rows * p.width * a + head_params * 4
+                # one chunk: its activations, a recomputed block, the layer gradients, its parameter gradients
+                n = min(chunk, rows)
+                trans["diffusion chunk (forward + backward)"] = ((per_row + recompute + 4 * dcfg.width * d) * n
+                                                                 + head_params * a + weight_copies)
             else:
-                blocks = parts["blocks"] * rows
-            acts["diffusion head"] = (parts["embed"] + parts["final"] + parts["loss"]) * rows + blocks
-            # fp32 copies of the head's weights when it runs in fp32 with bf16 weights
-            if way.diffusion_bytes > a:
-                acts["diffusion head"] += params.trainable.get("diffusion head", 0) * (way.diffusion_bytes - a)
+                acts["diffusion head"] = per_row * rows + weight_copies
+                if ckpt:
+                    trans["diffusion recompute (one block)"] = recompute * rows
     est.activations = acts
 
     # transients of the forward: the largest single working set
@@ -334,7 +350,7 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
         attn = 8 * p.heads * n_p * n_p * B if way.attention == "math" else 0
         # GeGLU: Wi's output, GELU, the product, their gradients; lean: three hidden-wide at most
         trans["predictor MLP / attention"] = max((3 if way.lean_mlp else 4) * a * p.mlp_hidden * B * n_p, attn)
-    if rows:
+    if rows and not chunk:
         d = way.diffusion_bytes
         trans["diffusion layer"] = 4 * m.diffusion.width * d * rows
         if way.lean_mlp and m.diffusion.learn_sigma:  # backward: the VB term again, 8192 rows at a time
@@ -392,4 +408,5 @@ def ivfast_way(cfg: Config, checkpointing=None) -> Way:
                teacher_param_bytes=4 if tp == "fp32" else 2, teacher_stream_bytes=4 if tp == "fp32" else 2,
                teacher_eager=m.attention == "math", checkpointing=ck,
                reconstruction_ratio=float(_get(m.diffusion, "reconstruction_ratio", 1.0)),
-               lean_mlp=bool(_get(m, "lean_mlp", False)), teacher_visible_only=True, predictor_v_copy=True)
+               lean_mlp=bool(_get(m, "lean_mlp", False)), teacher_visible_only=True, predictor_v_copy=True,
+               diffusion_chunk_rows=int(_get(m.diffusion, "chunk_rows", 0)))

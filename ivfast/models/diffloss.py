@@ -20,6 +20,8 @@ off, so a head whose parameters DeepSpeed keeps in bf16 still computes in fp32 (
 release's does); the gradients reach the bf16 parameters through the casts.
 Sampling of (t, eps) and the loss given them are separate methods so tests and fused
 kernels can swap either piece. ``checkpointing`` recomputes each residual block in backward.
+``chunk_rows`` > 0 runs ``loss_given_seeds`` and its backward a chunk of rows at a time in the
+forward, keeping only the gradients (:mod:`ivfast.models.chunked_loss`).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 
 from ivfast.models import lean_mlp
 from ivfast.models.checkpointing import run_block
+from ivfast.models.chunked_loss import chunked_row_loss
 from ivfast.models.diffusion import GaussianDiffusion
 
 PRECISIONS = ("auto", "fp32")
@@ -219,9 +222,13 @@ class DiffusionLoss(nn.Module):
     autocast off (the fused kernels then run only when the parameters are fp32 too).
     ``lean`` (``model.lean_mlp``): the variational-bound term of ``loss_given_seeds`` keeps only
     its inputs for backward and is recomputed there (elementwise; same values).
+    ``chunk_rows`` (``model.diffusion.chunk_rows``) > 0: ``loss_given_seeds`` computes the loss
+    and its gradients ``chunk_rows`` rows at a time during the forward and keeps only the
+    gradients for backward (:mod:`ivfast.models.chunked_loss`); 0: plain autograd.
     """
 
     lean = False
+    chunk_rows = 0
 
     def __init__(self, target_channels: int, z_channels: int, width: int = 1536,
                  depth: int = 6, num_timesteps: int = 1000, schedule: str = "cosine",
@@ -288,8 +295,22 @@ class DiffusionLoss(nn.Module):
 
         ``seeds`` (M,) int64, one stream per row (``kernels.diffusion_noise.row_seeds``). The
         fused kernels (CUDA, or the interpreter) and their PyTorch references draw the same
-        eps, so a run gives the same losses with kernels on or off.
+        eps, so a run gives the same losses with kernels on or off. With ``chunk_rows`` > 0, under
+        autograd and for a z that needs a gradient, the rows run in chunks whose backward runs
+        here too (:func:`ivfast.models.chunked_loss.chunked_row_loss`; the same values).
         """
+        params = [p for p in self.parameters() if p.requires_grad]
+        if (self.chunk_rows > 0 and torch.is_grad_enabled() and z.requires_grad and not target.requires_grad
+                and params):
+            # inside a chunk the VB term is not recomputed (lean=False): its saves die with the chunk
+            fn = functools.partial(self._loss_given_seeds, lean=False)
+            out = chunked_row_loss(fn, z, target, t, seeds, params, self.chunk_rows)
+            if not self.learn_sigma:
+                del out["vb"]
+            return out
+        return self._loss_given_seeds(z, target, t, seeds, lean=self.lean)
+
+    def _loss_given_seeds(self, z, target, t, seeds, lean: bool) -> Dict[str, torch.Tensor]:
         from kernels.diffusion_noise import eps_mse_fused, q_sample_fused
 
         d = self.diffusion
@@ -303,7 +324,7 @@ class DiffusionLoss(nn.Module):
             out = {"mse": mse.mean()}
             if self.learn_sigma:
                 vb = functools.partial(_vb_terms, d, c)
-                if self.lean and torch.is_grad_enabled():  # keeps only its inputs for backward
+                if lean and torch.is_grad_enabled():  # keeps only its inputs for backward
                     vb = functools.partial(lean_mlp.recompute_rows, vb)
                 out["vb"] = vb(model_output, target, x_t, t).mean()
                 out["loss"] = out["mse"] + out["vb"]

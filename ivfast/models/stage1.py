@@ -99,6 +99,7 @@ class Stage1Model(nn.Module):
                 precision=d.precision, checkpointing="diffusion" in cfg.checkpointing,
             )
             self.diffloss.lean = cfg.lean_mlp
+            self.diffloss.chunk_rows = d.chunk_rows
 
     @property
     def loss_names(self) -> list[str]:
@@ -236,4 +237,10 @@ def make_mask(cfg: ModelConfig, rng: SampleRNG, grid: tuple[int, int, int], sali
 
 
 def build_stage1(cfg: Config) -> Stage1Model:
-    return Stage1Model(cfg.model, cfg.data.num_frames, cfg.data.img_size)
+    model = Stage1Model(cfg.model, cfg.data.num_frames, cfg.data.img_size)
+    if cfg.deepspeed.zero_stage == 3 and getattr(model, "diffloss", None) is not None and model.diffloss.chunk_rows:
+        # ZeRO-3 gathers and partitions parameters with hooks that autograd.grad in the forward would bypass
+        log.info("model.diffusion.chunk_rows=%d: off under deepspeed.zero_stage 3 (plain autograd for the head)",
+                 model.diffloss.chunk_rows)
+        model.diffloss.chunk_rows = 0
+    return model
