@@ -58,7 +58,11 @@ PEAK_TFLOPS = {
 }
 
 WAYS = {
-    "release": ["model.fused_kernels=false", "model.attention=math", "model.diffusion.precision=fp32"],
+    # the release's way as a mode of our model: none of ivfast's fusions, lean saves or chunked
+    # diffusion loss, fp32 diffusion head and teacher, DeepSpeed's default 5e8 gradient bucket
+    "release": ["model.fused_kernels=false", "model.attention=math", "model.diffusion.precision=fp32",
+                "model.lean_mlp=false", "model.diffusion.chunk_rows=0", "model.teacher.precision=fp32",
+                "deepspeed.reduce_bucket_size=500000000"],
     "ivfast": [],
     "compile": [],
 }
