@@ -200,10 +200,8 @@ def align_head(d: int, tw: int, a: int, lean: bool = False, target_bytes: int | 
     (``target_bytes``) differs)."""
     if lean:
         target = a * tw if target_bytes not in (None, a) else 0
-    else:
-        target = 4 * tw if a < 4 else 0
-    if lean:
         return 2 * a * d + a * tw + target
+    target = 4 * tw if a < 4 else 0
     return 3 * a * d + a * tw + 8 + a * tw + target + 3 * a
 
 

@@ -299,9 +299,9 @@ class DiffusionLoss(nn.Module):
         autograd and for a z that needs a gradient, the rows run in chunks whose backward runs
         here too (:func:`ivfast.models.chunked_loss.chunked_row_loss`; the same values).
         """
-        params = [p for p in self.parameters() if p.requires_grad]
-        if (self.chunk_rows > 0 and torch.is_grad_enabled() and z.requires_grad and not target.requires_grad
-                and params):
+        chunked = self.chunk_rows > 0 and torch.is_grad_enabled() and z.requires_grad and not target.requires_grad
+        params = [p for p in self.parameters() if p.requires_grad] if chunked else []
+        if params:
             # inside a chunk the VB term is not recomputed (lean=False): its saves die with the chunk
             fn = functools.partial(self._loss_given_seeds, lean=False)
             out = chunked_row_loss(fn, z, target, t, seeds, params, self.chunk_rows)

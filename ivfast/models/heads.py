@@ -36,7 +36,7 @@ class MLPHead(nn.Module):
         self.norm.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lean and self.act.approximate == "none" and lean_mlp.usable(x):
+        if lean_mlp.mlp_applies(self, x):
             x = lean_mlp.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
             if self.l2:
                 return lean_mlp.layer_norm_l2(x, self.norm.weight, self.norm.bias, self.norm.eps)

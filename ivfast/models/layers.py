@@ -108,7 +108,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, out_dim or dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lean and self.act.approximate == "none" and lean_mlp.usable(x):
+        if lean_mlp.mlp_applies(self, x):
             return lean_mlp.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return self.fc2(self.act(self.fc1(x)))
 

@@ -301,3 +301,9 @@ def norm_geglu_mlp(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: tor
 def usable(x: torch.Tensor) -> bool:
     """Whether the lean path applies: autograd records and no autocast (else: the plain modules)."""
     return torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+
+
+def mlp_applies(module, x: torch.Tensor) -> bool:
+    """Whether a GELU MLP ``module`` (with ``lean`` and ``act``) runs its lean Function on ``x``:
+    lean is on, the GELU is the erf one the Functions implement, and :func:`usable`."""
+    return module.lean and module.act.approximate == "none" and usable(x)

@@ -88,7 +88,7 @@ class ModernBertMLP(nn.Module):
 
     def lean_applies(self, x: torch.Tensor) -> bool:
         """Whether the lean Functions replace the plain modules for input ``x``."""
-        return self.lean and self.act.approximate == "none" and lean_mlp.usable(x)
+        return lean_mlp.mlp_applies(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lean_applies(x):
