@@ -67,6 +67,10 @@ GIB = 2**30
 CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS/cuDNN workspaces on an A100/H100, outside torch's allocator
 RELEASE_BUCKET = 500_000_000  # the release's reduce_bucket_size (DeepSpeed's default)
 VB_TENSORS = 17  # (M, C) tensors the learned-sigma variational-bound loss saves (op graph of vb_terms_bpd)
+# The release's gaussian_diffusion saves 5 more: its _extract_into_tensor broadcasts every schedule
+# coefficient to a full (M, C) tensor. Measured on the release's own code by
+# benchmarks/release_head_memory.py (results in benchmarks/results/release_head_memory-cpu-*).
+RELEASE_VB_TENSORS = 22
 
 
 @dataclass
@@ -89,6 +93,7 @@ class Way:
     teacher_visible_only: bool = False  # the teacher layers live through the step at the visible tokens only
     predictor_v_copy: bool = False  # the predictor's attention keeps a copy of v, not the whole Wqkv output
     diffusion_chunk_rows: int = 0  # > 0: the head's loss + backward run in chunks in the forward (not under ZeRO-3)
+    vb_tensors: int = VB_TENSORS  # (rows, C) tensors the variational-bound term saves
 
 
 @dataclass
@@ -235,7 +240,7 @@ def predictor_in(d: int, w: int, a: int, lean: bool = False) -> float:
 
 
 def diffusion_rows(w: int, z: int, c: int, cout: int, depth: int, d: int, a: int, fused: bool,
-                   learn_sigma: bool, lean: bool = False) -> dict:
+                   learn_sigma: bool, lean: bool = False, vb_tensors: int = VB_TENSORS) -> dict:
     """Per diffusion row: embeddings, the adaLN blocks, the final layer, the losses (``lean``:
     the variational-bound term keeps its inputs only: the target and t; the model output is
     kept by the eps-MSE already)."""
@@ -252,7 +257,7 @@ def diffusion_rows(w: int, z: int, c: int, cout: int, depth: int, d: int, a: int
     if learn_sigma and lean:
         loss += c * d + 8
     elif learn_sigma:
-        loss += VB_TENSORS * c * d + 2 * c
+        loss += vb_tensors * c * d + 2 * c
     return {"embed": embed, "blocks": blocks, "final": final, "loss": loss}
 
 
@@ -321,7 +326,7 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
             weight_copies = head_params * (d - a) if d > a else 0  # fp32 copies of bf16 weights (fp32 head)
             # inside a chunk the VB term is not recomputed (lean off): its saves die with the chunk
             parts = diffusion_rows(dcfg.width, p.width, c, cout, dcfg.depth, d, a, way.fused,
-                                   dcfg.learn_sigma, way.lean_mlp and not chunk)
+                                   dcfg.learn_sigma, way.lean_mlp and not chunk, way.vb_tensors)
             ckpt = _ckpt("diffusion", way)
             recompute = parts["blocks"] / dcfg.depth if ckpt else 0  # one block's internals, per row
             per_row = (parts["embed"] + parts["final"] + parts["loss"]
@@ -352,7 +357,7 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
         d = way.diffusion_bytes
         trans["diffusion layer"] = 4 * m.diffusion.width * d * rows
         if way.lean_mlp and m.diffusion.learn_sigma:  # backward: the VB term again, 8192 rows at a time
-            trans["diffusion VB recompute"] = VB_TENSORS * c * d * min(rows, 8192)
+            trans["diffusion VB recompute"] = way.vb_tensors * c * d * min(rows, 8192)
     est.transients = trans
 
     # the teacher: outputs alive through the student forward, and its own working set
@@ -392,7 +397,8 @@ def release_way(cfg: Config) -> Way:
     """The release's way of running ``cfg`` (see the module docstring)."""
     return Way("release", act_bytes=2, attention="flash", fused=False, diffusion_bytes=4, teacher_param_bytes=4,
                teacher_stream_bytes=4, teacher_eager=True, checkpointing=(), reconstruction_ratio=1.0,
-               bucket_elems=RELEASE_BUCKET, lean_mlp=False, teacher_visible_only=False)
+               bucket_elems=RELEASE_BUCKET, lean_mlp=False, teacher_visible_only=False,
+               vb_tensors=RELEASE_VB_TENSORS)
 
 
 def ivfast_way(cfg: Config, checkpointing=None) -> Way:

@@ -83,7 +83,9 @@ def markdown(rows: list[Row], zero: int, world: int) -> str:
             out += ["", f"{r.name}: the release's way with its diffusion head in bf16 instead of fp32 (the only "
                         f"change) models {r.release_bf16_head.gib():.2f} GiB; the fp32 head's activations are "
                         f"{r.release.activations['diffusion head'] / GIB:.2f} GiB of the "
-                        f"{r.release.gib():.2f}."]
+                        f"{r.release.gib():.2f}. The head's bytes per row are checked against the release's own "
+                        f"code run on the CPU: `benchmarks/release_head_memory.py` "
+                        f"(results in `benchmarks/results/release_head_memory-cpu-*.md`)."]
         if r.release_small_head is not None:
             d, w = RELEASE_CTOR_HEAD
             vs = f" ({(r.release_small_head.gib() / r.paper_gib - 1) * 100:+.1f}% vs the paper)" if r.paper_gib else ""
