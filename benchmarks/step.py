@@ -146,18 +146,14 @@ class StepRunner:
     def step(self, timer: _Sync) -> int:
         """One optimiser step; returns the number of clips."""
         from ivfast.models.sample_rng import SampleRNG
-        from ivfast.models.stage1 import make_mask, run_teacher, visible_teacher_layers
+        from ivfast.models.stage1 import teacher_step
 
         batch = self._next_batch()
         video = batch["video"].to(self.dist.device, non_blocking=True)
         timer.mark("data")
         self.position += 1
         rng = SampleRNG.for_step(self.cfg.train.seed, self.position, batch["index"].tolist(), self.dist.device)
-        m = self.cfg.model
-        tout = run_teacher(self.task.teacher, video, m.teacher.img_size)
-        mask = make_mask(m, rng, self.task.model.encoder.grid, tout.saliency)
-        targets, pooled = visible_teacher_layers(tout.layers, mask.visible_idx), tout.pooled
-        del tout
+        mask, targets, pooled = teacher_step(self.task.teacher, self.cfg.model, self.task.model.encoder.grid, video, rng)
         timer.mark("teacher")
         seeds = torch.tensor(rng.seeds, dtype=torch.int64, device=video.device)
         video_in = video.to(next(self.engine.module.parameters()).dtype)

@@ -104,18 +104,16 @@ def test_patchify_matches_pixel_unshuffle():
 @pytest.mark.parametrize("recon", ["none", "linear", "diffusion"])
 def test_tiny_forward_backward_every_variant(recon):
     from ivfast.models.sample_rng import SampleRNG
-    from ivfast.models.stage1 import make_mask, run_teacher, visible_teacher_layers
+    from ivfast.models.stage1 import teacher_step
 
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [f"model.recon={recon}"])
     torch.manual_seed(0)
     model, teacher = build_stage1(cfg), build_teacher(cfg.model, 4)
     video = torch.randn(2, 3, 4, 56, 56)
-    tout = run_teacher(teacher, video, 64)
     rng = SampleRNG.for_step(0, 0, [5, 6])
-    mask = make_mask(cfg.model, rng, model.encoder.grid, tout.saliency)
+    mask, targets, pooled = teacher_step(teacher, cfg.model, model.encoder.grid, video, rng)
     assert mask.visible_idx.shape == (2, 4 * num_visible_per_frame(16, 0.75))
-    targets = visible_teacher_layers(tout.layers, mask.visible_idx)
-    out = model(video, mask.visible_idx, mask.masked_idx, targets, tout.pooled, torch.tensor(rng.seeds))
+    out = model(video, mask.visible_idx, mask.masked_idx, targets, pooled, torch.tensor(rng.seeds))
     expected = {"loss", "loss_align_layers", "loss_align_final"} | ({"loss_recon"} if recon != "none" else set())
     assert expected <= set(out) and set(model.loss_names) == set(out)
     w = cfg.model.loss_weights
@@ -156,7 +154,7 @@ def test_visible_teacher_layers_give_the_same_alignment_loss():
     from ivfast.models import token_ops
     from ivfast.models.heads import cosine_align_loss
     from ivfast.models.sample_rng import SampleRNG
-    from ivfast.models.stage1 import make_mask, run_teacher, visible_teacher_layers
+    from ivfast.models.stage1 import make_mask, run_teacher, teacher_step, visible_teacher_layers
 
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["model.recon=none", "model.encoder.drop_path=0.0"])
     torch.manual_seed(3)
@@ -179,3 +177,8 @@ def test_visible_teacher_layers_give_the_same_alignment_loss():
     assert torch.equal(loss_layers, ref)
     with pytest.raises(ValueError, match="visible_teacher_layers"):
         model.align_losses(enc, mask.visible_idx, tout.layers, tout.pooled)
+    # teacher_step (what the trainer runs) is the same three calls
+    mask2, targets2, pooled2 = teacher_step(teacher, cfg.model, model.encoder.grid, video,
+                                            SampleRNG.for_step(0, 0, [1, 2, 3]))
+    assert torch.equal(mask2.visible_idx, mask.visible_idx) and torch.equal(mask2.masked_idx, mask.masked_idx)
+    assert torch.equal(targets2, got) and torch.equal(pooled2, tout.pooled)

@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 
 from ivfast.config import Config
 from ivfast.memory.params import ParamCounts, count_params
+from ivfast.models.chunked_loss import chunking_allowed
 
 GIB = 2**30
 CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS/cuDNN workspaces on an A100/H100, outside torch's allocator
@@ -293,7 +294,7 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
     block = encoder_block(e.width, e.heads, hidden, n_enc, a, way.attention, way.fused, way.lean_mlp) * B * n_enc
     embed = encoder_embed(3 * e.tubelet_size * e.patch_size ** 2, e.width, a, way.fused) * B * s.frames * s.grid
     acts, trans = {}, {}
-    chunk = way.diffusion_chunk_rows if zero < 3 else 0  # ZeRO-3: plain autograd (the trainer's rule)
+    chunk = way.diffusion_chunk_rows if chunking_allowed(zero) else 0  # ZeRO-3: plain autograd, as in the trainer
     if _ckpt("encoder", way):
         acts["encoder"] = embed + e.depth * a * e.width * B * n_enc
         trans["encoder recompute (one block)"] = block

@@ -96,7 +96,7 @@ def measure_stage1(cfg, dtype: torch.dtype = torch.float32, attention: str = "ma
     """
     from ivfast.models.attention import use_backend
     from ivfast.models.sample_rng import SampleRNG
-    from ivfast.models.stage1 import build_stage1, build_teacher, make_mask, run_teacher, visible_teacher_layers
+    from ivfast.models.stage1 import build_stage1, build_teacher, teacher_step
 
     torch.manual_seed(seed)
     model = build_stage1(cfg).to(dtype).train()
@@ -105,12 +105,10 @@ def measure_stage1(cfg, dtype: torch.dtype = torch.float32, attention: str = "ma
     video = torch.randn(d.batch_size, 3, d.num_frames, d.img_size, d.img_size)
     rng = SampleRNG.for_step(seed, 0, list(range(d.batch_size)), torch.device("cpu"))
     with use_backend("math"):
-        tout = run_teacher(teacher, video, cfg.model.teacher.img_size)
-    mask = make_mask(cfg.model, rng, model.encoder.grid, tout.saliency)
+        mask, targets, pooled = teacher_step(teacher, cfg.model, model.encoder.grid, video, rng)
     seeds = torch.tensor(rng.seeds, dtype=torch.int64)
     video_in = video.to(dtype)
-    targets = visible_teacher_layers(tout.layers, mask.visible_idx)
-    args = (video_in, mask.visible_idx, mask.masked_idx, targets, tout.pooled, seeds)
+    args = (video_in, mask.visible_idx, mask.masked_idx, targets, pooled, seeds)
     rec = _Recorder(_storage_ptrs(model.parameters()) | _storage_ptrs(args))
     # components: the alignment losses (heads, pool, final head), the recon loss (linear
     # or diffusion head with its loss), the encoder and the predictor modules

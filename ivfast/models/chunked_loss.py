@@ -33,6 +33,13 @@ from typing import Callable, Dict, Sequence
 import torch
 
 
+def chunking_allowed(zero_stage: int) -> bool:
+    """Whether a chunked loss can run under DeepSpeed ``zero_stage``: not under ZeRO-3, whose
+    parameter gathering and gradient partitioning hooks ``torch.autograd.grad`` in the forward
+    would bypass (the trainer and the memory model both follow this)."""
+    return zero_stage < 3
+
+
 def _same(t):
     return t
 

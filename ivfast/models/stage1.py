@@ -21,6 +21,7 @@ from ivfast.config import Config, ModelConfig
 from kernels.diffusion_noise import row_seeds
 
 from ivfast.models import masking, token_ops
+from ivfast.models.chunked_loss import chunking_allowed
 from ivfast.models.diffloss import DiffusionLoss
 from ivfast.models.encoder import VideoEncoder
 from ivfast.models.heads import AttentionPool, MLPHead, cosine_align_loss
@@ -236,11 +237,21 @@ def make_mask(cfg: ModelConfig, rng: SampleRNG, grid: tuple[int, int, int], sali
     return masking.tube_mask(len(rng), t, h * w, cfg.mask_ratio, device=rng.device, generator=generators)
 
 
+def teacher_step(teacher: SigLIPTeacher, cfg: ModelConfig, grid: tuple[int, int, int], video: torch.Tensor,
+                 rng: SampleRNG) -> tuple[masking.MaskInfo, torch.Tensor, torch.Tensor]:
+    """The teacher's part of a Stage-1 step: run the teacher, draw the mask (semantic masks
+    read its saliency), gather its layers at the visible tokens. Returns (mask, targets
+    (K, B, N_vis, W), pooled); the full-token layers are freed on return, before the student runs."""
+    tout = run_teacher(teacher, video, cfg.teacher.img_size)
+    mask = make_mask(cfg, rng, grid, tout.saliency)
+    return mask, visible_teacher_layers(tout.layers, mask.visible_idx), tout.pooled
+
+
 def build_stage1(cfg: Config) -> Stage1Model:
     model = Stage1Model(cfg.model, cfg.data.num_frames, cfg.data.img_size)
-    if cfg.deepspeed.zero_stage == 3 and getattr(model, "diffloss", None) is not None and model.diffloss.chunk_rows:
-        # ZeRO-3 gathers and partitions parameters with hooks that autograd.grad in the forward would bypass
-        log.info("model.diffusion.chunk_rows=%d: off under deepspeed.zero_stage 3 (plain autograd for the head)",
-                 model.diffloss.chunk_rows)
+    if (not chunking_allowed(cfg.deepspeed.zero_stage) and getattr(model, "diffloss", None) is not None
+            and model.diffloss.chunk_rows):
+        log.info("model.diffusion.chunk_rows=%d: off under deepspeed.zero_stage %d (plain autograd for the head)",
+                 model.diffloss.chunk_rows, cfg.deepspeed.zero_stage)
         model.diffloss.chunk_rows = 0
     return model

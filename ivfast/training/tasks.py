@@ -47,15 +47,10 @@ class Stage1Task:
         return sum(p.numel() for p in self.teacher.parameters())
 
     def forward(self, engine, video: torch.Tensor, rng: SampleRNG) -> dict:
-        from ivfast.models.stage1 import make_mask, run_teacher, visible_teacher_layers
+        from ivfast.models.stage1 import teacher_step
 
-        cfg = self.cfg.model
         with phase(getattr(self, "tracker", None), "teacher"):
-            tout = run_teacher(self.teacher, video, cfg.teacher.img_size)
-        mask = make_mask(cfg, rng, self.model.encoder.grid, tout.saliency)
-        # Only the visible tokens of the teacher layers live through the student's step.
-        targets, pooled = visible_teacher_layers(tout.layers, mask.visible_idx), tout.pooled
-        del tout
+            mask, targets, pooled = teacher_step(self.teacher, self.cfg.model, self.model.encoder.grid, video, rng)
         seeds = torch.tensor(rng.seeds, dtype=torch.int64, device=video.device)
         video_in = video.to(next(engine.module.parameters()).dtype)
         return engine(video_in, mask.visible_idx, mask.masked_idx, targets, pooled, seeds)
