@@ -33,14 +33,14 @@ def pytest_sessionstart(session):
 
 # Set by an in-process ``distributed.init`` earlier in the session (its store still holds
 # MASTER_PORT): a training subprocess must pick its own rendezvous.
-_RENDEZVOUS_VARS = {"TRITON_INTERPRET", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                    "CROSS_RANK", "CROSS_SIZE"}
+RENDEZVOUS_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                   "CROSS_RANK", "CROSS_SIZE"}
 
 
 def run_env(interpret: bool = False, **extra) -> dict:
     """Environment for a training subprocess: the interpreter only when asked for, and no
     rendezvous variables inherited from this process."""
-    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS and k != "TRITON_INTERPRET"}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     if interpret:
         env["TRITON_INTERPRET"] = "1"

@@ -18,8 +18,9 @@ def test_step_benchmark_runs_both_ways_on_the_tiny_config(capsys, monkeypatch):
     import torch
 
     from benchmarks.step import WAYS, main
+    from conftest import RENDEZVOUS_VARS
 
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR"):
+    for var in sorted(RENDEZVOUS_VARS | {"DS_ACCELERATOR"}):
         monkeypatch.setenv(var, "")  # records the value before, so teardown undoes what the run sets
         monkeypatch.delenv(var)
     assert "model.attention=math" in WAYS["release"] and WAYS["ivfast"] == []

@@ -86,12 +86,8 @@ class ModernBertMLP(nn.Module):
         self.act = nn.GELU()
         self.Wo = nn.Linear(hidden, width, bias=False)
 
-    def lean_applies(self, x: torch.Tensor) -> bool:
-        """Whether the lean Functions replace the plain modules for input ``x``."""
-        return lean_mlp.mlp_applies(self, x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lean_applies(x):
+        if lean_mlp.mlp_applies(self, x):
             return lean_mlp.geglu_mlp(x, self.Wi.weight, self.Wo.weight)
         inp, gate = self.Wi(x).chunk(2, dim=-1)
         return self.Wo(self.act(inp) * gate)
@@ -127,7 +123,7 @@ class ModernBertLayer(nn.Module):
             x = x + self.attn.attend(qkv, cos, sin)
         else:
             x = x + self.attn(self.attn_norm(x), cos, sin)
-        if self.mlp.lean_applies(x):
+        if lean_mlp.mlp_applies(self.mlp, x):
             norm = self.mlp_norm
             return x + lean_mlp.norm_geglu_mlp(x, norm.weight, norm.bias, norm.eps, self.mlp.Wi.weight,
                                                self.mlp.Wo.weight)
