@@ -83,11 +83,8 @@ def measure_head(diffloss_cls, depth: int, width: int, c: int, z_dim: int, rows:
 
 
 def model_per_row(cfg, way) -> dict:
-    e, dcfg = cfg.model.encoder, cfg.model.diffusion
-    c = 3 * e.tubelet_size * e.patch_size ** 2
-    parts = analytic.diffusion_rows(dcfg.width, cfg.model.predictor.width, c, 2 * c if dcfg.learn_sigma else c,
-                                    dcfg.depth, way.diffusion_bytes, way.act_bytes, way.fused, dcfg.learn_sigma,
-                                    way.lean_mlp, way.vb_tensors)
+    """The analytic model's bytes per row of the head, split as :func:`measure_head` splits them."""
+    parts = analytic.diffusion_head_rows(cfg, way)
     return {"embed + blocks": parts["embed"] + parts["blocks"], "final": parts["final"], "loss": parts["loss"],
             "total": sum(parts.values())}
 
@@ -114,10 +111,10 @@ def main(argv=None) -> int:
         c = 3 * cfg.model.encoder.tubelet_size * cfg.model.encoder.patch_size ** 2
         got = measure_head(diffloss_cls, depth, width, c, cfg.model.predictor.width, args.rows)
         want = model_per_row(cfg, way)
-        head_params = est.params.trainable["diffusion head"]
-        weight_copies = head_params * (way.diffusion_bytes - way.act_bytes)
-        measured_head = got["total"] * paper_rows + weight_copies
-        step_gib = (est.peak - est.activations["diffusion head"] + measured_head) / analytic.GIB + analytic.CUDA_CONTEXT_GIB
+        # the modelled head's per-row bytes swapped for the measured ones (its fp32 weight copies stay)
+        swap = (got["total"] - want["total"]) * paper_rows
+        measured_head = est.activations["diffusion head"] + swap
+        step_gib = (est.peak + swap) / analytic.GIB + analytic.CUDA_CONTEXT_GIB
         row = {"head": f"depth {depth}, width {width}", "source": source,
                **{f"measured {k} B/row": int(v) if float(v).is_integer() else round(v, 1) for k, v in got.items()},
                "model B/row": want["total"],

@@ -262,6 +262,16 @@ def diffusion_rows(w: int, z: int, c: int, cout: int, depth: int, d: int, a: int
     return {"embed": embed, "blocks": blocks, "final": final, "loss": loss}
 
 
+def diffusion_head_rows(cfg: Config, way: Way, chunked: bool = False) -> dict:
+    """:func:`diffusion_rows` for ``cfg``'s diffusion head run ``way``; ``chunked``: the head runs
+    in chunks (inside a chunk the VB term is not recomputed: its saves die with the chunk)."""
+    e, dcfg = cfg.model.encoder, cfg.model.diffusion
+    c = 3 * e.tubelet_size * e.patch_size ** 2
+    return diffusion_rows(dcfg.width, cfg.model.predictor.width, c, 2 * c if dcfg.learn_sigma else c, dcfg.depth,
+                          way.diffusion_bytes, way.act_bytes, way.fused, dcfg.learn_sigma,
+                          way.lean_mlp and not chunked, way.vb_tensors)
+
+
 # ----------------------------------------------------------------------------- the whole step
 
 
@@ -322,12 +332,9 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
         else:
             dcfg = m.diffusion
             rows = B * s.masked * dcfg.batch_mul * way.reconstruction_ratio
-            cout = 2 * c if dcfg.learn_sigma else c
             d, head_params = way.diffusion_bytes, params.trainable.get("diffusion head", 0)
             weight_copies = head_params * (d - a) if d > a else 0  # fp32 copies of bf16 weights (fp32 head)
-            # inside a chunk the VB term is not recomputed (lean off): its saves die with the chunk
-            parts = diffusion_rows(dcfg.width, p.width, c, cout, dcfg.depth, d, a, way.fused,
-                                   dcfg.learn_sigma, way.lean_mlp and not chunk, way.vb_tensors)
+            parts = diffusion_head_rows(cfg, way, chunked=bool(chunk))
             ckpt = _ckpt("diffusion", way)
             recompute = parts["blocks"] / dcfg.depth if ckpt else 0  # one block's internals, per row
             per_row = (parts["embed"] + parts["final"] + parts["loss"]
