@@ -6,13 +6,13 @@ STAMP  := $(VENV)/.ivfast-installed
 CONFIG ?= configs/tiny.yaml
 ARGS   ?=
 
-.PHONY: install train test bench clean
+.PHONY: install train test lint bench clean
 
-$(STAMP): setup.py requirements.txt
+$(STAMP): setup.py requirements.txt requirements-dev.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e . -r requirements-dev.txt
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -20,10 +20,15 @@ install: $(STAMP)
 train: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH deepspeed --num_gpus 1 ivfast/train.py --config $(CONFIG) $(ARGS)
 
-# pytest exits 5 when it collects nothing: for this suite that is a failure, said plainly.
+# The import contracts (.importlinter: the layers), then the suite. pytest exits 5 when it
+# collects nothing: for this suite that is a failure, said plainly.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	@PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is broken"; exit 1; fi; exit $$rc
+
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports
 
 # Microbenchmarks (pytest-benchmark). On a GPU they write benchmarks/results/; on the CPU they
 # run at small shapes to keep the harness honest.

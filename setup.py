@@ -7,7 +7,7 @@ setup(
     name="ivfast",
     version="0.1.0",
     description="A performance-first training engine for InternVideo-Next video foundation models",
-    packages=find_packages(include=["ivfast", "ivfast.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["ivfast", "ivfast.*"]),
     python_requires=">=3.10",
     install_requires=requirements,
     extras_require={

@@ -1,24 +1,28 @@
-"""Benchmark: the fused adaLN ops (kernels.adaln) against eager PyTorch and torch.compile.
+"""Benchmark: the fused adaLN block and final layer (ivfast.ops.adaln) against eager PyTorch and
+torch.compile.
 
-Scopes: one ``AdaLNBlock`` and the whole ``SimpleMLP`` head (depth 6). Modes: forward (with
-autograd recording, as in training), backward (the graph is built in an untimed setup), full
-(forward + backward). Implementations:
+Scopes: one adaLN residual block, and the head's adaLN stack (``depth`` blocks and the final layer,
+SiLU of the condition computed once; the head's input and condition embeddings are plain Linears,
+the same for every implementation, and are left out). Modes: forward (with autograd recording, as
+in training), backward (the graph is built in an untimed setup), full (forward + backward).
+Implementations:
 
-- ``eager_fp32``: the module in float32 (how the release runs the head),
-- ``eager_bf16``: the module in bfloat16,
-- ``compile_bf16``: ``torch.compile`` of the bfloat16 eager module,
-- ``fused_bf16`` / ``fused_fp32``: ``kernels.adaln`` (``SimpleMLP(fused=True)`` for the head,
-  ``fused_block_forward(block, x, SiLU(y))`` for a block, SiLU included).
+- ``eager_fp32``: the references (``adaln_block_ref`` / ``adaln_final_ref``) in float32 (how the
+  release runs the head),
+- ``eager_bf16``: the references in bfloat16,
+- ``compile_bf16``: ``torch.compile`` of the bfloat16 references (on a CPU only with
+  IVFAST_BENCH_COMPILE=1, see ``harness.skip_unavailable``),
+- ``fused_bf16`` / ``fused_fp32``: ``adaln_block`` / ``adaln_final``.
 
 Also recorded: bytes kept for backward per row of each implementation (distinct storages of the
 tensors saved for backward, via ``torch.autograd.graph.saved_tensors_hooks``; on a GPU also the
 allocator's growth over the forward) and, on a GPU, the achieved GB/s of every memory-bound
 kernel against ``harness.copy_bandwidth_gbs()``.
 
-Shapes: GPU the real head (52,224 rows x 1536, depth 6, in 588, z 1024, out 1176); CPU small
-(a smoke run; CPU numbers say nothing about the GPU). On the CPU the fused kernels run through
-Triton's interpreter only with ``TRITON_INTERPRET=1`` set, else the fused impl runs its
-PyTorch references (``fused_backend`` in the results says which).
+Shapes: GPU the real head (52,224 rows x 1536, depth 6, out 1176); CPU small (128 rows x 128,
+depth 2: a smoke run; CPU numbers say nothing about the GPU). On the CPU the fused kernels run
+through Triton's interpreter only with ``TRITON_INTERPRET=1`` set, else the fused impl runs the
+references (``fused_backend`` in the results says which).
 
 Run:  python benchmarks/bench_adaln.py [pytest args]
   or  python -m pytest benchmarks/bench_adaln.py -o python_files='bench_*.py' --benchmark-enable
@@ -36,23 +40,22 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import harness  # noqa: E402
-from ivfast.models.diffloss import AdaLNBlock, SimpleMLP  # noqa: E402
-from kernels import adaln  # noqa: E402
-from kernels.dispatch import interpreting, use_triton  # noqa: E402
+from ivfast.ops import adaln  # noqa: E402
+from ivfast.ops.dispatch import interpreting, use_triton  # noqa: E402
 
 GPU = harness.on_gpu()
 DEV = harness.bench_device()
 if GPU:
-    SHAPE = dict(rows=52224, width=1536, depth=6, in_channels=588, z_channels=1024, out_channels=1176)
+    SHAPE = dict(rows=52224, width=1536, depth=6, out_channels=1176)
     ROUNDS, WARMUP = 20, 3
 else:
-    SHAPE = dict(rows=64 if interpreting() else 256, width=256, depth=6, in_channels=588,
-                 z_channels=1024, out_channels=1176)
+    SHAPE = dict(rows=64 if interpreting() else 128, width=128, depth=2, out_channels=96)
     ROUNDS, WARMUP = 3, 1
 
 SCOPES = ["block", "head"]
 IMPLS = ["eager_fp32", "eager_bf16", "compile_bf16", "fused_bf16", "fused_fp32"]
 MODES = ["forward", "backward", "full"]
+EPS = 1e-6
 
 _RESULTS = {"adaln": [], "adaln_saved": [], "adaln_kernels": []}
 
@@ -69,53 +72,61 @@ def _sync():
 
 
 # --------------------------------------------------------------------------- implementations
+def _params(scope: str, dtype: torch.dtype):
+    """Non-zero parameters (the real init zeroes adaLN and the output layer) for every block of the
+    scope, then the final layer's for the head: lists of (ada_w, ada_b, ln_w, ln_b, w1, b1, w2, b2)
+    and (ada_w, ada_b, lin_w, lin_b)."""
+    n, g = SHAPE["width"], torch.Generator(device="cpu").manual_seed(0)
+
+    def p(*shape, std=None, mean=0.0):
+        std = shape[-1] ** -0.5 if std is None else std
+        return (torch.randn(*shape, generator=g) * std + mean).to(DEV, dtype).requires_grad_()
+
+    blocks = [(p(3 * n, n), p(3 * n, std=0.1), p(n, std=0.1, mean=1.0), p(n, std=0.1), p(n, n), p(n, std=0.1),
+               p(n, n), p(n, std=0.1)) for _ in range(1 if scope == "block" else SHAPE["depth"])]
+    final = (p(2 * n, n), p(2 * n, std=0.1), p(SHAPE["out_channels"], n), p(SHAPE["out_channels"], std=0.1))
+    return blocks, (final if scope == "head" else None)
+
+
+def _forward_fn(fused: bool):
+    block = adaln.adaln_block if fused else adaln.adaln_block_ref
+    final_layer = adaln.adaln_final if fused else adaln.adaln_final_ref
+
+    def forward(x, y, blocks, final):
+        silu_y = F.silu(y)  # once for all blocks
+        for ps in blocks:
+            x = block(x, silu_y, *ps, EPS)
+        return x if final is None else final_layer(x, silu_y, *final, EPS)
+
+    return forward
+
+
 _BUILT = {}
 
 
 def _build(scope: str, impl: str):
-    """(module, make_inputs() -> (tensors requiring grad, call args), call(module, args)) cached."""
+    """(parameters, make_inputs() -> (tensors requiring grad, call args), call(args)) cached."""
     key = (scope, impl)
     if key in _BUILT:
         return _BUILT[key]
-    torch.manual_seed(0)
-    s = SHAPE
     dtype = torch.float32 if impl.endswith("fp32") else torch.bfloat16
-    fused = impl.startswith("fused")
-    if scope == "block":
-        module = AdaLNBlock(s["width"])
-    else:
-        module = SimpleMLP(s["in_channels"], s["width"], s["out_channels"], s["z_channels"],
-                           s["depth"], fused=fused)
-    with torch.no_grad():  # non-zero adaLN / output layers so every path carries signal
-        for p in module.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, p.shape[1] ** -0.5)
-    module = module.to(DEV, dtype)
+    blocks, final = _params(scope, dtype)
+    params = [p for ps in blocks + ([final] if final else []) for p in ps]
     g = torch.Generator(device="cpu").manual_seed(1)
-    M = s["rows"]
-    if scope == "block":
-        data = [torch.randn(M, s["width"], generator=g), torch.randn(M, s["width"], generator=g)]
-    else:
-        data = [torch.randn(M, s["in_channels"], generator=g), torch.randint(0, 1000, (M,), generator=g),
-                torch.randn(M, s["z_channels"], generator=g)]
-    data = [d.to(DEV, dtype) if d.is_floating_point() else d.to(DEV) for d in data]
+    M, n = SHAPE["rows"], SHAPE["width"]
+    data = [torch.randn(M, n, generator=g).to(DEV, dtype), torch.randn(M, n, generator=g).to(DEV, dtype)]
 
-    def make_inputs():
-        if scope == "block":  # residual stream and condition both carry gradients
-            x, y = (d.detach().clone().requires_grad_() for d in data)
-            return [x, y], (x, y)
-        x_t, t, z = data[0], data[1], data[2].detach().clone().requires_grad_()
-        return [z], (x_t, t, z)
+    def make_inputs():  # residual stream and condition both carry gradients
+        x, y = (d.detach().clone().requires_grad_() for d in data)
+        return [x, y], (x, y)
 
-    if scope == "block" and fused:
-        def call(m, args):
-            x, y = args
-            return adaln.fused_block_forward(m, x, F.silu(y))
-    else:
-        def call(m, args):
-            return m(*args)
-    runner = torch.compile(module) if impl.startswith("compile") else module
-    _BUILT[key] = (module, runner, make_inputs, call)
+    forward = _forward_fn(impl.startswith("fused"))
+    runner = torch.compile(forward) if impl.startswith("compile") else forward
+
+    def call(args):
+        return runner(*args, blocks, final)
+
+    _BUILT[key] = (params, make_inputs, call)
     return _BUILT[key]
 
 
@@ -127,8 +138,7 @@ def _gout(out):
 @pytest.fixture(scope="module", autouse=True)
 def _write_results():
     yield
-    config = dict(SHAPE, device=str(DEV), rounds=ROUNDS, warmup=WARMUP,
-                  interpret=interpreting())
+    config = dict(SHAPE, device=str(DEV), rounds=ROUNDS, warmup=WARMUP, interpret=interpreting())
     for name, rows in _RESULTS.items():
         if rows:
             print("results:", harness.write_results(name, config, rows))
@@ -139,8 +149,8 @@ def _write_results():
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("scope", SCOPES)
 def test_adaln_time(benchmark, scope, impl, mode):
-    module, runner, make_inputs, call = _build(scope, impl)
-    params = list(module.parameters())
+    harness.skip_unavailable(impl.split("_")[0])
+    params, make_inputs, call = _build(scope, impl)
     state = {}
 
     def setup():
@@ -149,7 +159,7 @@ def test_adaln_time(benchmark, scope, impl, mode):
         leaves, args = make_inputs()
         state["leaves"] = leaves
         if mode == "backward":
-            out = call(runner, args)
+            out = call(args)
             state["out"], state["g"] = out, _gout(out)
         else:
             state["args"] = args
@@ -157,7 +167,7 @@ def test_adaln_time(benchmark, scope, impl, mode):
         return (), {}
 
     def forward():
-        call(runner, state["args"])
+        call(state["args"])
         _sync()
 
     def backward():
@@ -165,7 +175,7 @@ def test_adaln_time(benchmark, scope, impl, mode):
         _sync()
 
     def full():
-        out = call(runner, state["args"])
+        out = call(state["args"])
         out.backward(_gout(out))
         _sync()
 
@@ -220,15 +230,15 @@ def _saved_storage_bytes(fn, params):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("scope", SCOPES)
 def test_adaln_saved_bytes(scope, impl):
-    module, runner, make_inputs, call = _build(scope, impl)
-    params = list(module.parameters())
+    harness.skip_unavailable(impl.split("_")[0])
+    params, make_inputs, call = _build(scope, impl)
     leaves, args = make_inputs()
-    call(runner, args)  # compile outside the measurement
+    call(args)  # compile outside the measurement
     _sync()
     leaves, args = make_inputs()
     out = None
     try:
-        storage, tensors, out = _saved_storage_bytes(lambda: call(runner, args), params)
+        storage, tensors, out = _saved_storage_bytes(lambda: call(args), params)
     except Exception as e:  # e.g. a compiled graph refusing the hooks
         storage = tensors = None
         print(f"saved-tensor hooks failed for {impl}: {e!r}")
@@ -238,7 +248,7 @@ def test_adaln_saved_bytes(scope, impl):
         _, args = make_inputs()
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
-        out = call(runner, args)
+        out = call(args)
         torch.cuda.synchronize()
         retained = (torch.cuda.memory_allocated() - before - out.untyped_storage().nbytes())
         del out

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from benchmarks.harness import bench_device, gpu_time_ms, on_gpu, write_results
-from ivfast.models import attention as A
+from ivfast.ops import attention as A
 
 HEAD_DIM = 64
 DTYPE = torch.bfloat16

@@ -2,28 +2,6 @@
 
     pytest benchmarks/bench_data.py --benchmark-enable -q
     python benchmarks/bench_data.py [--quick] [--write]     (--quick: the tiny run the tests do)
-
-Work measured: batches of training clips (16 frames x 224 x 224, TSN-sampled, multi-scale
-crop, flip, normalised, float32, ``collate_skip_bad``), pulled from the loader as the
-training loop does, then moved to the GPU (when there is one) and synchronised: the
-clips/s a training run could be fed. Warm-up batches (worker start-up, and the burst of
-batches every worker finishes at once after it) are not timed.
-
-Backends: ``pyav`` (``VideoListDataset`` in N persistent DataLoader worker processes,
-pinned memory on a GPU machine), ``dali`` (``DaliVideoLoader``; skipped with the reason
-unless ``nvidia.dali`` imports and a GPU is present), ``synthetic`` (generated clips, no
-decoding: the ceiling of the host side).
-
-Sources (generated): H.264 (libx264 veryfast, crf 23, keyframe every 16 frames, no
-B-frames: what ``ivfast-data prepare`` writes) at 320p (568 x 320) and 720p (1280 x 720),
-25 fps, a scrolling textured image with noise. GPU: 16 videos of 4 s per size, listed 128
-times, batches of 16 (2 x workers warm-up, max(20, 3 x workers) timed), workers half and
-all but two of the cores. CPU: 2 videos of 1 s per size, 2 timed batches of 2, 2 workers:
-only proves the script runs.
-
-Goal (issue 4): decode at least 2x the clips/s one GPU trains at; compare ``clips_per_s``
-here with ``clips_per_s`` in a run's ``metrics.jsonl`` (whose ``data_share`` is the share
-of step time spent waiting for data). Results: benchmarks/results/data-<gpu|cpu>-<date>.{json,md}.
 """
 from __future__ import annotations
 
@@ -58,6 +36,8 @@ class Plan:
 
 
 def plan(quick: bool) -> Plan:
+    """GPU: 16 videos of 4 s per size, each listed 128 times, batches of 16, workers half and all
+    but two of the cores. CPU (or --quick): a tiny run that only proves the script works."""
     if quick or not harness.on_gpu():
         return Plan(videos=2, seconds=1.0, repeats=4, batch=2, warmup=1, batches=2, workers=(2,))
     cpus = os.cpu_count() or 8
@@ -67,7 +47,8 @@ def plan(quick: bool) -> Plan:
 
 
 def write_source(path: str, width: int, height: int, seconds: float, seed: int) -> str:
-    """One generated H.264 clip (see the module docstring)."""
+    """A scrolling textured image with noise, H.264 as ``ivfast-data prepare`` writes it
+    (veryfast, crf 23, a keyframe every GOP frames, no B-frames)."""
     import av
 
     rng = np.random.default_rng(seed)
@@ -102,42 +83,39 @@ def make_sources(root: str, p: Plan) -> dict[str, list]:
 
 
 def _loader(backend: str, entries, p: Plan, workers: int):
-    from torch.utils.data import DataLoader
+    """The loader ``build_loader`` gives a training run of ``backend`` over ``entries``."""
+    from ivfast.data.config import DataConfig
+    from ivfast.data.loader import build_loader
 
-    from ivfast.data.collate import collate_skip_bad
-    from ivfast.data.loader import ShardedBatchSampler
-
-    n = len(entries) if backend != "synthetic" else p.batch * (p.warmup + p.batches)
-    sampler = ShardedBatchSampler(n, p.batch, 0, 1, seed=0)
     if backend == "dali":
         if not harness.on_gpu():
             pytest.skip("dali: needs a GPU")
         try:
             import nvidia.dali  # noqa: F401
-
-            from ivfast.data.dali_loader import DaliVideoLoader
         except ImportError as e:
             pytest.skip(f"dali: not importable here ({e})")
-        from ivfast.data.transforms import DEFAULT_SCALES, IMAGENET_MEAN, IMAGENET_STD
-
-        return DaliVideoLoader(list(entries), sampler, num_frames=FRAMES, size=SIZE, scales=DEFAULT_SCALES,
-                               mean=IMAGENET_MEAN, std=IMAGENET_STD, device="gpu",
-                               device_id=torch.cuda.current_device(), dtype=torch.float32, num_threads=4, prefetch=2)
+    d = DataConfig(source="synthetic" if backend == "synthetic" else "list", backend=backend, num_frames=FRAMES,
+                   img_size=SIZE, batch_size=p.batch, num_workers=workers, decode_timeout_s=60.0)
     if backend == "synthetic":
         from ivfast.data.synthetic import SyntheticClips
 
-        dataset = SyntheticClips(num_clips=n, num_frames=FRAMES, size=SIZE)
+        dataset = SyntheticClips(num_clips=p.batch * (p.warmup + p.batches), num_frames=FRAMES, size=SIZE)
     else:
         from ivfast.data.video_list import VideoListDataset
 
-        dataset = VideoListDataset(list(entries), num_frames=FRAMES, size=SIZE, decode_timeout_s=60.0)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_skip_bad,
-                      pin_memory=harness.on_gpu(), persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None)
+        dataset = VideoListDataset(list(entries), num_frames=FRAMES, size=SIZE, scales=tuple(d.scales), flip=d.flip,
+                                   decode_timeout_s=d.decode_timeout_s, min_frames=d.min_frames)
+    loader, _ = build_loader(d, dataset, rank=0, world=1, seed=0, pin_memory=harness.on_gpu(), dtype=torch.float32)
+    return loader
 
 
 def measure(backend: str, source: str, entries, p: Plan, workers: int) -> dict:
-    """Clips per second over ``p.batches`` batches after ``p.warmup`` untimed ones; one result row."""
+    """Clips per second over ``p.batches`` batches after ``p.warmup`` untimed ones; one result row.
+
+    Batches are pulled as the training loop does, moved to the GPU (when there is one) and
+    synchronised: the clips/s a run could be fed. The warm-up batches (worker start-up, and
+    the burst every worker finishes at once after it) are not timed.
+    """
     loader = _loader(backend, entries, p, workers)
     dev = harness.bench_device()
     it = iter(loader)
@@ -169,6 +147,8 @@ def config(p: Plan) -> dict:
 
 
 def cases(p: Plan) -> list[tuple[str, int]]:
+    """pyav (DataLoader workers), dali (skipped without a GPU and nvidia.dali), synthetic (no
+    decoding: the ceiling of the host side)."""
     return [("pyav", w) for w in p.workers] + [("dali", 0)] + [("synthetic", w) for w in p.workers]
 
 

@@ -1,4 +1,4 @@
-"""Benchmark: diffusion noise drawn in the kernel (kernels/diffusion_noise.py) vs the release's way.
+"""Benchmark: diffusion noise drawn in the kernel (ivfast.ops.diffusion_noise) vs the release's way.
 
 Run (not part of ``make test``)::
 
@@ -16,7 +16,7 @@ Implementations:
 - ``eager``: the release's way: eps = torch.randn_like(x) materialised, then
   GaussianDiffusion.q_sample and the mse of GaussianDiffusion.training_losses;
 - ``compile``: torch.compile of the same function;
-- ``fused``: q_sample_fused + eps_mse_fused (eps regenerated from Philox, never stored),
+- ``fused``: q_sample + eps_mse (eps regenerated from Philox, never stored),
   with the per-row seeds computed beforehand (their cost is its own row, ``row_seeds``).
 
 Shapes: GPU, the real one (16 clips x 3264 masked tokens = 52,224 rows x 588) in bf16 and
@@ -34,16 +34,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import harness
-from ivfast.models.diffusion import GaussianDiffusion
 import os
 
-from kernels import diffusion_noise as DN
-from kernels.diffusion_noise import eps_mse_fused, q_sample_fused, row_seeds
+from benchmarks import harness
+from ivfast.models.diffusion import GaussianDiffusion
+from ivfast.ops import diffusion_noise as DN
+from ivfast.ops.diffusion_noise import eps_mse, q_sample, row_seeds
 
 C = 588
 GPU_SHAPES = [(52224, C, torch.bfloat16), (52224, C, torch.float32)]
-CPU_SHAPES = [(256, C, torch.float32)]
+CPU_SHAPES = [(64, C, torch.float32)]
 SHAPES = GPU_SHAPES if harness.on_gpu() else CPU_SHAPES
 MODES = ("forward", "backward", "full")
 IMPLS = ("eager", "compile", "fused")
@@ -75,8 +75,8 @@ def _fused_factory(dev):
     s1mab = _DIFF.sqrt_one_minus_alphas_cumprod.to(dev)
 
     def fused(x, t, eps_hat, seeds):
-        x_t = q_sample_fused(x, t, seeds, sab, s1mab)
-        return x_t, eps_mse_fused(eps_hat, seeds)
+        x_t = q_sample(x, t, seeds, sab, s1mab)
+        return x_t, eps_mse(eps_hat, seeds)
 
     return fused
 
@@ -190,7 +190,7 @@ SWEEP = [(4, 128, 4), (2, 128, 4), (8, 128, 4), (4, 128, 8), (8, 128, 8), (8, 64
 @pytest.mark.skipif(not harness.on_gpu() or os.environ.get("IVFAST_BENCH_SWEEP") != "1",
                     reason="block-size sweep: GPU and IVFAST_BENCH_SWEEP=1 only")
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-{str(s[2])[6:]}")
-def test_block_sweep(shape):
+def test_block_sweep(shape, monkeypatch):
     """Fused kernels under each (BLOCK_M, BLOCK_C, num_warps); rows tagged fused[bm,bc,w]."""
     M, C_, dtype = shape
     dev = harness.bench_device()
@@ -201,19 +201,16 @@ def test_block_sweep(shape):
     g = torch.full((M,), 1.0 / M, device=dev)
     es = torch.empty(0, dtype=dtype).element_size()
     n = M * C_
-    try:
-        for cfg in SWEEP:
-            DN.BLOCK_OVERRIDE = cfg
-            work = {
-                "q_sample": (lambda: DN._q_sample_triton(x, t, seeds, sab, s1mab), 2 * n * es),
-                "mse_fwd": (lambda: DN._eps_mse_fwd_triton(eps_hat, seeds), n * es),
-                "mse_bwd": (lambda: DN._eps_mse_bwd_triton(eps_hat, seeds, g), 2 * n * es),
-            }
-            for name, (fn, nbytes) in work.items():
-                ms = harness.gpu_time_ms(fn)
-                _ROWS.append({"impl": f"fused[{cfg[0]},{cfg[1]},{cfg[2]}]", "mode": name, "M": M, "C": C_,
-                              "dtype": str(dtype)[6:], "ms": round(ms, 4), "essential_bytes": nbytes,
-                              "gbs": round(nbytes / (ms * 1e-3) / 1e9, 1), "graph_bytes": None,
-                              "eps_bytes": None})
-    finally:
-        DN.BLOCK_OVERRIDE = None
+    for cfg in SWEEP:
+        monkeypatch.setattr(DN, "_blocks", lambda M, C, device, cfg=cfg: cfg)
+        work = {
+            "q_sample": (lambda: DN._q_sample_triton(x, t, seeds, sab, s1mab), 2 * n * es),
+            "mse_fwd": (lambda: DN._eps_mse_fwd_triton(eps_hat, seeds), n * es),
+            "mse_bwd": (lambda: DN._eps_mse_bwd_triton(eps_hat, seeds, g), 2 * n * es),
+        }
+        for name, (fn, nbytes) in work.items():
+            ms = harness.gpu_time_ms(fn)
+            _ROWS.append({"impl": f"fused[{cfg[0]},{cfg[1]},{cfg[2]}]", "mode": name, "M": M, "C": C_,
+                          "dtype": str(dtype)[6:], "ms": round(ms, 4), "essential_bytes": nbytes,
+                          "gbs": round(nbytes / (ms * 1e-3) / 1e9, 1), "graph_bytes": None,
+                          "eps_bytes": None})

@@ -1,22 +1,17 @@
-"""Benchmark: RMSNorm and the residual add fused with it (kernels/rmsnorm.py).
+"""Benchmark: the RMSNorm kernel (ivfast.ops.rmsnorm).
 
 Run (not part of ``make test``; pytest.ini disables benchmarks by default)::
 
     .venv/bin/python -m pytest benchmarks/bench_rmsnorm.py --benchmark-enable -q
     TRITON_INTERPRET=1 .venv/bin/python -m pytest benchmarks/bench_rmsnorm.py --benchmark-enable -q  # CPU + kernels
 
-Work measured:
-
-- ``rmsnorm``: ``y = rmsnorm(x, w)`` (the release block's norm1/norm2, and the QK-norm);
-- ``add_rmsnorm``: ``y, h = add_rmsnorm(branch, h, w)``: the residual add of the previous
-  sub-block fused with the next norm (eager: ``h = branch + h; y = RMSNorm(h)``).
+Work measured: ``y = rmsnorm(x, w)`` (the release block's norm1/norm2, and the QK-norm).
 
 Modes: ``forward`` (no graph), ``backward`` (autograd.grad on a kept graph, gradients for
 every input and the weight), ``full`` (forward + backward).
 
-Implementations: ``eager`` (``kernels.rmsnorm.rmsnorm_reference`` / ``add_rmsnorm_reference``,
-the functions the tests use; the reference equals ``ivfast.models.layers.RMSNorm``),
-``compile`` (``torch.compile`` of them), ``triton`` (``kernels.rmsnorm``; on a CPU only when
+Implementations: ``eager`` (``ivfast.ops.rmsnorm.rmsnorm_ref``, the function the tests use),
+``compile`` (``torch.compile`` of it), ``triton`` (``rmsnorm``; on a CPU only when
 TRITON_INTERPRET=1, through the interpreter). On a CPU ``compile`` is skipped unless
 IVFAST_BENCH_COMPILE=1 (compile time dwarfs these tiny shapes).
 
@@ -25,11 +20,8 @@ visible + 4 CLS) = 13,376 rows at widths 768 and 1024, and the full clip (16 x 4
 768), bf16 activations with an fp32 weight. CPU: 64 rows x 96, fp32.
 
 Essential bytes (the same for every implementation; the weight and the per-row rstd are
-counted, the (#programs, D) dweight partials are not):
-
-- rmsnorm forward: read x, write y; backward: read x, dy, write dx.
-- add_rmsnorm forward: read x, residual, write y, h; backward: read h, dy, dh, write dx,
-  dresidual.
+counted, the (#programs, D) dweight partials are not): forward reads x and writes y; backward
+reads x and dy and writes dx.
 
 On a GPU each row also records the achieved GB/s and its share of
 ``harness.copy_bandwidth_gbs()``. Results: benchmarks/results/rmsnorm-<gpu|cpu>-<date>.{json,md}.
@@ -41,13 +33,13 @@ import pytest
 import torch
 
 from benchmarks import harness
-from kernels import rmsnorm as kr
+from ivfast.ops import rmsnorm as kr
 
 if harness.on_gpu():
     SHAPES = [(16 * 836, 768, torch.bfloat16), (16 * 836, 1024, torch.bfloat16), (16 * 4100, 768, torch.bfloat16)]
 else:
     SHAPES = [(64, 96, torch.float32)]
-OPS = ("rmsnorm", "add_rmsnorm")
+OPS = ("rmsnorm",)
 MODES = ("forward", "backward", "full")
 IMPLS = ("eager", "compile", "triton")
 EPS = 1e-6
@@ -75,16 +67,13 @@ def _write_results():
 def _essential_bytes(op, mode, rows, d, dtype):
     t = rows * d * torch.empty(0, dtype=dtype).element_size()
     small = d * 4 + rows * 4  # weight, rstd
-    if op == "rmsnorm":
-        fwd, bwd = 2 * t + small, 3 * t + small
-    else:
-        fwd, bwd = 4 * t + small, 5 * t + small
+    fwd, bwd = 2 * t + small, 3 * t + small
     return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
 
 
 def _compiled(op):
     if op not in _COMPILED:
-        _COMPILED[op] = torch.compile(kr.rmsnorm_reference if op == "rmsnorm" else kr.add_rmsnorm_reference)
+        _COMPILED[op] = torch.compile(kr.rmsnorm_ref)
     return _COMPILED[op]
 
 
@@ -98,21 +87,11 @@ def test_rmsnorm(benchmark, shape, op, impl, mode):
     rows, d, dtype = shape
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, d, generator=g).to(dev, dtype).requires_grad_()
-    res = torch.randn(rows, d, generator=g).to(dev, dtype).requires_grad_()
     w = (1 + 0.1 * torch.randn(d, generator=g)).to(dev).requires_grad_()
 
-    if impl == "triton":
-        f = kr.rmsnorm if op == "rmsnorm" else kr.add_rmsnorm
-    elif impl == "eager":
-        f = kr.rmsnorm_reference if op == "rmsnorm" else kr.add_rmsnorm_reference
-    else:
-        f = _compiled(op)
-    if op == "rmsnorm":
-        inputs = [x, w]
-        fwd = lambda: (f(x, w, EPS),)  # noqa: E731
-    else:
-        inputs = [x, res, w]
-        fwd = lambda: f(x, res, w, EPS)  # noqa: E731
+    f = {"triton": kr.rmsnorm, "eager": kr.rmsnorm_ref}.get(impl) or _compiled(op)
+    inputs = [x, w]
+    fwd = lambda: (f(x, w, EPS),)  # noqa: E731
 
     try:
         outs = fwd()

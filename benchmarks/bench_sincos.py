@@ -1,4 +1,5 @@
-"""Benchmark: sine-cosine embeddings computed by kernels (kernels/sincos.py).
+"""Benchmark: sine-cosine embeddings: the timestep-embedding kernel (ivfast.ops.timestep_embedding)
+and the fixed position table (ivfast.ops.sincos).
 
 Run (not part of ``make test``; pytest.ini disables benchmarks by default)::
 
@@ -8,14 +9,15 @@ Run (not part of ``make test``; pytest.ini disables benchmarks by default)::
 Work measured (forward only: neither has a backward; the table is a constant and the
 timesteps are integers):
 
-- ``sincos_3d``: the fixed (t*h*w, D) position table on the device. The reference
-  (``ivfast.models.pos_embed.sincos_3d``) builds it in float64 on the CPU and copies it over;
-  this is what a fixed ``PositionTable`` pays when it is (re)built, e.g. for another grid.
+- ``sincos_3d``: the fixed (t*h*w, D) position table on the device: ``sincos_3d`` builds it in
+  float64 on the CPU and copies it over, what a fixed position table pays when it is (re)built,
+  e.g. for another grid. No kernel: the token kernels compute positions in place
+  (``sincos3d_at``; benchmarks/bench_token_gather.py).
 - ``timestep``: ``timestep_embedding(t, 256)`` for the diffusion head's rows (reference
-  ``ivfast.models.diffloss.timestep_embedding``, on the device).
+  ``timestep_embedding_ref``, on the device).
 
 Implementations: ``eager`` (the references the tests use), ``compile`` (``torch.compile`` of
-them), ``triton`` (``kernels.sincos``; on a CPU only when TRITON_INTERPRET=1, through the
+them), ``triton`` (``timestep_embedding``; on a CPU only when TRITON_INTERPRET=1, through the
 interpreter). On a CPU ``compile`` is skipped unless IVFAST_BENCH_COMPILE=1.
 
 Shapes: GPU: tables (16 x 16 x 16, 768) and (32 x 16 x 16, 1024) in fp32; timesteps for
@@ -33,7 +35,8 @@ import pytest
 import torch
 
 from benchmarks import harness
-from kernels import sincos as ks
+from ivfast.ops import sincos as ks
+from ivfast.ops import timestep_embedding as te
 
 if harness.on_gpu():
     TABLES = [(768, (16, 16, 16)), (1024, (32, 16, 16))]
@@ -42,6 +45,7 @@ else:
     TABLES = [(64, (2, 4, 4))]
     TIMESTEPS = [(64, 256)]
 IMPLS = ("eager", "compile", "triton")
+TABLE_IMPLS = ("eager", "compile")
 
 _ROWS: list[dict] = []
 _COMPILED: dict = {}
@@ -79,18 +83,17 @@ def _run(benchmark, impl, call, row):
     _ROWS.append(row)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+def _table(dim, t, h, w, device):
+    return ks.sincos_3d(dim, t, h, w).to(device)
+
+
+@pytest.mark.parametrize("impl", TABLE_IMPLS)
 @pytest.mark.parametrize("dim,grid", TABLES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"D{v}")
 def test_sincos_3d(benchmark, dim, grid, impl):
     dev = harness.bench_device()
     harness.skip_unavailable(impl)
-    if impl == "triton":
-        call = lambda: ks.sincos_3d(dim, *grid, device=dev)  # noqa: E731
-    else:
-        f = ks.sincos_3d_reference
-        if impl == "compile":
-            f = _COMPILED.setdefault("sincos_3d", torch.compile(ks.sincos_3d_reference))
-        call = lambda: f(dim, *grid, device=dev)  # noqa: E731
+    f = _COMPILED.setdefault("sincos_3d", torch.compile(_table)) if impl == "compile" else _table
+    call = lambda: f(dim, *grid, dev)  # noqa: E731
     rows = grid[0] * grid[1] * grid[2]
     _run(benchmark, impl, call, {"op": "sincos_3d", "impl": impl, "mode": "forward", "rows": rows, "D": dim,
                                  "grid": "x".join(map(str, grid)), "dtype": "float32",
@@ -104,11 +107,11 @@ def test_timestep_embedding(benchmark, m, dim, impl):
     harness.skip_unavailable(impl)
     t = torch.randint(0, 1000, (m,), generator=torch.Generator().manual_seed(0)).to(dev)
     if impl == "triton":
-        call = lambda: ks.timestep_embedding(t, dim)  # noqa: E731
+        call = lambda: te.timestep_embedding(t, dim)  # noqa: E731
     else:
-        f = ks.timestep_embedding_reference
+        f = te.timestep_embedding_ref
         if impl == "compile":
-            f = _COMPILED.setdefault("timestep", torch.compile(ks.timestep_embedding_reference))
+            f = _COMPILED.setdefault("timestep", torch.compile(te.timestep_embedding_ref))
         call = lambda: f(t, dim)  # noqa: E731
     _run(benchmark, impl, call, {"op": "timestep", "impl": impl, "mode": "forward", "rows": m, "D": dim,
                                  "grid": None, "dtype": "float32", "essential_bytes": m * dim * 4 + m * 8})

@@ -1,4 +1,5 @@
-"""Benchmark: the masked-token gather / mask-token scatter with the position add (kernels/token_gather.py).
+"""Benchmark: the masked-token gather with the position add, and the mask-token scatter
+(ivfast.ops.token_gather).
 
 Run (not part of ``make test``; pytest.ini disables benchmarks by default)::
 
@@ -7,7 +8,7 @@ Run (not part of ``make test``; pytest.ini disables benchmarks by default)::
 
 Work measured:
 
-- ``gather``: ``add_pos_and_gather(x, idx, P)``: the encoder input, (B, N, D) -> (B, M, D);
+- ``gather``: ``add_pos_at(gather_tokens(x, idx), idx, P)``: the encoder input, (B, N, D) -> (B, M, D);
 - ``scatter``: ``scatter_with_mask_token(enc_out, idx, mask_token, P)``: the predictor input,
   (B, M, D) -> (B, N, D).
 
@@ -16,10 +17,11 @@ Work measured:
 ``PositionTable`` buffer is; the kernel computes it from the token index). Modes: ``forward``,
 ``backward`` (autograd.grad on a kept graph) and ``full`` (forward + backward).
 
-Implementations: ``eager`` (the reference functions the tests use:
-``ivfast.models.token_ops``), ``compile`` (``torch.compile`` of the same functions), and
-``triton`` (``kernels.token_gather``; on a CPU only when TRITON_INTERPRET=1, through the
-interpreter). On a CPU ``compile`` is skipped unless IVFAST_BENCH_COMPILE=1 (compile time
+Implementations: ``eager`` (``torch.gather`` and the reference functions the tests use,
+``add_pos_at_ref`` / ``scatter_with_mask_token_ref``), ``compile`` (``torch.compile`` of the same
+functions), and ``triton`` (``gather_tokens`` with the index-only backward, then the
+``add_pos_at`` / ``scatter_with_mask_token`` kernels; on a CPU only when TRITON_INTERPRET=1,
+through the interpreter). On a CPU ``compile`` is skipped unless IVFAST_BENCH_COMPILE=1 (compile time
 dwarfs these tiny shapes; the point of the CPU run is that the harness works).
 
 Shapes: GPU, the real Stage-1 batch: 16 clips x 16 frames x 16 x 16 = 4096 tokens, mask 0.8
@@ -49,8 +51,8 @@ import pytest
 import torch
 
 from benchmarks import harness
-from ivfast.models import pos_embed, token_ops
-from kernels import token_gather as tg
+from ivfast.ops import token_gather as tg
+from ivfast.ops.sincos import sincos_3d
 
 if harness.on_gpu():
     SHAPES = [(16, (16, 16, 16), 52, 768, torch.bfloat16), (16, (16, 16, 16), 52, 1024, torch.bfloat16)]
@@ -96,7 +98,7 @@ def _inputs(shape, dev):
     enc = torch.randn(b, m, d, generator=g).to(dev, dtype).requires_grad_()
     mask_token = torch.randn(d, generator=g).to(dev, dtype).requires_grad_()
     table = (0.02 * torch.randn(n, d, generator=g)).to(dev, dtype).requires_grad_()
-    fixed = pos_embed.sincos_3d(d, t, h, w).to(dev, dtype)  # the baselines' precomputed buffer
+    fixed = sincos_3d(d, t, h, w).to(dev, dtype)  # the baselines' precomputed buffer
     return idx, x, enc, mask_token, table, fixed
 
 
@@ -117,11 +119,12 @@ def _essential_bytes(op, kind, mode, shape, idx):
 
 
 def _eager_gather(x, idx, table):
-    return token_ops.add_pos_and_gather(x, table, idx)
+    vis = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return tg.add_pos_at_ref(vis, idx, table)
 
 
 def _eager_scatter(enc, idx, mask_token, table):
-    return token_ops.scatter_with_mask_token(enc, idx, mask_token, table)
+    return tg.scatter_with_mask_token_ref(enc, idx, mask_token, table)
 
 
 def _compiled(name):
@@ -144,8 +147,8 @@ def test_token_gather(benchmark, shape, op, kind, impl, mode):
     if op == "gather":
         inputs = [x] + ([table] if kind == "table" else [])
         if impl == "triton":
-            fwd = (lambda: tg.add_pos_and_gather(x, idx, table)) if kind == "table" else \
-                (lambda: tg.add_pos_and_gather(x, idx, grid=grid))
+            fwd = (lambda: tg.add_pos_at(tg.gather_tokens(x, idx), idx, table)) if kind == "table" else \
+                (lambda: tg.add_pos_at(tg.gather_tokens(x, idx), idx, grid=grid))
         else:
             f = _eager_gather if impl == "eager" else _compiled("gather")
             tab = table if kind == "table" else fixed

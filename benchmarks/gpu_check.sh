@@ -32,8 +32,8 @@ run() {  # run NAME CMD...: log, keep going, remember a failure
 for step in $STEPS; do
     case $step in
     tests)
-        run "kernel tests on CUDA" $PY -m pytest -q -p no:cacheprovider tests/test_kernel_*.py tests/test_attention.py \
-            tests/test_diffloss.py tests/test_encoder.py tests/test_data_dali.py ;;
+        run "kernel tests on CUDA" $PY -m pytest -q -p no:cacheprovider tests/ops tests/models/test_diffloss.py \
+            tests/models/test_encoder.py tests/models/test_modules_run_their_ops.py tests/data/test_data_dali.py ;;
     zero)
         for z in 1 2; do
             run "ZeRO-$z, 50 steps" $PY ivfast/train.py --config configs/tiny.yaml output_dir=runs/gpu_zero$z \

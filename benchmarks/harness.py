@@ -85,7 +85,7 @@ def skip_unavailable(impl: str) -> None:
     interpreter; torch.compile on the CPU unless IVFAST_BENCH_COMPILE=1 (compile time dominates)."""
     import pytest
 
-    from kernels import dispatch
+    from ivfast.ops import dispatch
 
     if impl == "triton" and not dispatch.use_triton(torch.empty(0, device=bench_device())):
         pytest.skip("triton path: GPU, or CPU with TRITON_INTERPRET=1 set before the run")
@@ -159,7 +159,7 @@ def write_kernel_results(name: str, config: dict, rows: list[dict]) -> str | Non
     ran, and on a GPU the measured copy bandwidth with each row's share of it (rows with ``gbs``)."""
     if not rows:
         return None
-    from kernels import dispatch
+    from ivfast.ops import dispatch
 
     config = {**config, "timing": "triton do_bench median" if on_gpu() else "perf_counter median of 5",
               "triton_path": dispatch.use_triton(torch.empty(0, device=bench_device()))}

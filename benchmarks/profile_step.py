@@ -16,40 +16,28 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.harness import bench_device, on_gpu, write_results  # noqa: E402
+from benchmarks.harness import on_gpu, write_results  # noqa: E402
 from ivfast.config import load_config, to_dict  # noqa: E402
-from ivfast.models.sample_rng import SampleRNG  # noqa: E402
-from ivfast.training.tasks import Stage1Task  # noqa: E402
-
-
-class _Direct:
-    """Stands in for the DeepSpeed engine: calls the module directly."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __call__(self, *args):
-        return self.module(*args)
+from ivfast.rng import SampleRNG  # noqa: E402
+from ivfast.training.engine import build_engine, init_runtime  # noqa: E402
+from ivfast.training.step import build_step  # noqa: E402
 
 
 def profile(cfg, steps: int = 3, top: int = 25):
-    device = bench_device()
-    dtype = torch.bfloat16 if on_gpu() else torch.float32
+    """Operator table of ``steps`` trainer steps (the trainer's step on its DeepSpeed engine)."""
+    rt = init_runtime(cfg)
+    device = rt.device
     torch.manual_seed(0)
-    task = Stage1Task(cfg)
-    task.model.to(device, dtype)
-    task.to(device, dtype)
-    engine = _Direct(task.model)
-    opt = torch.optim.AdamW(task.model.parameters(), lr=1e-4)
+    train_step = build_step(cfg)
+    engine = build_engine(cfg, train_step, rt)
     b, d = cfg.data.batch_size, cfg.data
     video = torch.randn(b, 3, d.num_frames, d.img_size, d.img_size, device=device)
 
     def step(i):
         rng = SampleRNG.for_step(0, i, range(b), device)
-        out = task.forward(engine, video, rng)
-        out["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        out = train_step.forward(engine, video, rng)
+        engine.backward(out["loss"])
+        engine.step()
 
     step(0)  # warm-up
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu() else [])

@@ -13,17 +13,18 @@ Each (config, way) row builds the real Stage-1 task (random weights) on a DeepSp
   mask), student forward, backward and optimiser step.
 
 Ways (overrides applied on top of the config file):
-- ``release``: the release's way as a mode of our model: unfused ops, eager ("math")
-  attention everywhere (the teacher included), the diffusion head in fp32.
+- ``release``: the release's way as a mode of our model: ``ivfast.config.RELEASE_WAY`` (no
+  ivfast kernel runs, no lean saves or chunked loss, eager teacher attention, fp32 teacher and
+  diffusion head; the same list the memory model's release's way starts from).
 - ``ivfast``: the config as written (fused Triton kernels, FlashAttention / SDPA).
 - ``compile``: ``ivfast`` with ``torch.compile`` applied to the encoder and predictor
   modules (where it helps; a failure to compile is recorded in the row, not raised).
 
-FLOPs per step are counted once per config with ``torch.utils.flop_counter`` on the
-release's way (every matmul visible to the counter; dense attention, so the predictor's
-windowed layers are counted as full attention); forward + backward, teacher forward
-included. Achieved TFLOP/s = FLOPs / step time; MFU = achieved / the device's dense bf16
-peak (``PEAK_TFLOPS``, looked up by device name; None when the name is unknown).
+FLOPs per step are counted once per config with ``torch.utils.flop_counter`` on one extra
+step of the first row, with eager ("math") attention so that every matmul is visible to the
+counter (the predictor's windowed layers count as full attention); forward + backward, teacher
+forward included. Achieved TFLOP/s = FLOPs / step time; MFU = achieved / the device's dense
+bf16 peak (``PEAK_TFLOPS``, looked up by device name; None when the name is unknown).
 
 On a GPU the rows go to ``benchmarks/results/step-gpu-<date>.{json,md}``; on the CPU only
 with ``--write`` (then ``*-cpu-*``, which git ignores).
@@ -31,6 +32,7 @@ with ``--write`` (then ``*-cpu-*``, which git ignores).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -40,7 +42,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import on_gpu, write_results  # noqa: E402
-from ivfast.config import load_config, to_dict  # noqa: E402
+from ivfast.config import RELEASE_WAY, load_config, to_dict  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = [f"configs/stage1_{size}_{variant}.yaml" for size in ("b", "l")
@@ -57,15 +59,7 @@ PEAK_TFLOPS = {
     "A10G": 70.0,
 }
 
-WAYS = {
-    # the release's way as a mode of our model: none of ivfast's fusions, lean saves or chunked
-    # diffusion loss, fp32 diffusion head and teacher, DeepSpeed's default 5e8 gradient bucket
-    "release": ["model.fused_kernels=false", "model.attention=math", "model.diffusion.precision=fp32",
-                "model.lean_mlp=false", "model.diffusion.chunk_rows=0", "model.teacher.precision=fp32",
-                "deepspeed.reduce_bucket_size=500000000"],
-    "ivfast": [],
-    "compile": [],
-}
+WAYS = {"release": RELEASE_WAY, "ivfast": [], "compile": []}
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -104,36 +98,29 @@ def _apply_compile(model) -> str:
 
 
 class StepRunner:
-    """One (config, way): the task on a DeepSpeed engine, a loader, and a timed step."""
+    """One (config, way): the trainer's step on its DeepSpeed engine, the configured loader, and a
+    timed optimiser step."""
 
     def __init__(self, cfg, way: str):
-        import deepspeed
-
         from ivfast.data.loader import build_dataset, build_loader
-        from ivfast.models.attention import set_backend
-        from ivfast.training import distributed
-        from ivfast.training.ds_config import deepspeed_config
-        from ivfast.training.optim import build_optimizer
-        from ivfast.training.tasks import build_task
+        from ivfast.training.engine import build_engine, init_runtime
+        from ivfast.training.step import build_step
 
         self.cfg, self.way = cfg, way
-        kind = distributed.choose_device(cfg.train.device)
-        self.dist = distributed.init(kind, cfg.deepspeed.cpu_shm)
-        self.bf16 = kind == "cuda"
-        set_backend(cfg.model.attention)
-        torch.manual_seed(cfg.train.seed)
-        self.task = build_task(cfg)
-        self.task.to(self.dist.device, torch.bfloat16 if self.bf16 else torch.float32)
-        self.compiled = _apply_compile(self.task.model) if way == "compile" else None
-        optimizer = build_optimizer(self.task.model, cfg.train, self.dist.device)
-        self.engine, _, _, _ = deepspeed.initialize(model=self.task.model, optimizer=optimizer,
-                                                    config=deepspeed_config(cfg, self.bf16),
-                                                    dist_init_required=False)
-        dataset = build_dataset(cfg)
-        self.loader, self.sampler = build_loader(cfg, dataset, self.dist.rank, self.dist.world,
-                                                 pin_memory=kind == "cuda")
+        self.rt = init_runtime(cfg)
+        self.step_ = build_step(cfg)
+        self.compiled = _apply_compile(self.step_.model) if way == "compile" else None
+        self.engine = build_engine(cfg, self.step_, self.rt)
+        dataset = build_dataset(cfg.data)
+        self.loader, self.sampler = build_loader(cfg.data, dataset, rank=self.rt.dist.rank, world=self.rt.dist.world,
+                                                 seed=cfg.train.seed, pin_memory=self.rt.device.type == "cuda",
+                                                 dtype=self.rt.dtype)
         self.batches = iter(self.loader)
         self.position = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.rt.device
 
     def _next_batch(self):
         batch = next(self.batches, None)
@@ -143,24 +130,38 @@ class StepRunner:
             batch = next(self.batches)
         return batch
 
-    def step(self, timer: _Sync) -> int:
-        """One optimiser step; returns the number of clips."""
-        from ivfast.models.sample_rng import SampleRNG
-        from ivfast.models.stage1 import teacher_step
+    def step(self, timer: _Sync, flops: dict | None = None) -> int:
+        """One optimiser step; returns the number of clips. With ``flops`` (a dict), the forward
+        and backward run under a FLOP counter with eager attention and the count lands in
+        ``flops["total"]``."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from ivfast.ops.attention import use_backend
+        from ivfast.rng import SampleRNG
 
         batch = self._next_batch()
-        video = batch["video"].to(self.dist.device, non_blocking=True)
+        video = batch["video"].to(self.device, non_blocking=True)
         timer.mark("data")
         self.position += 1
-        rng = SampleRNG.for_step(self.cfg.train.seed, self.position, batch["index"].tolist(), self.dist.device)
-        mask, targets, pooled = teacher_step(self.task.teacher, self.cfg.model, self.task.model.encoder.grid, video, rng)
-        timer.mark("teacher")
-        seeds = torch.tensor(rng.seeds, dtype=torch.int64, device=video.device)
-        video_in = video.to(next(self.engine.module.parameters()).dtype)
-        out = self.engine(video_in, mask.visible_idx, mask.masked_idx, targets, pooled, seeds)
-        timer.mark("student_forward")
-        self.engine.backward(out["loss"])
-        timer.mark("backward")
+        rng = SampleRNG.for_step(self.cfg.train.seed, self.position, batch["index"].tolist(), self.device)
+        counter = FlopCounterMode(display=False) if flops is not None else None
+        counting = contextlib.ExitStack()
+        if counter is not None:
+            counting.enter_context(counter)
+            counting.enter_context(use_backend("math"))
+            head = getattr(self.step_.model, "diffloss", None)
+            if head is not None and head.chunk_rows:  # the counter's hooks cannot see autograd.grad in a forward;
+                chunk_rows, head.chunk_rows = head.chunk_rows, 0  # the same FLOPs unchunked
+                counting.callback(setattr, head, "chunk_rows", chunk_rows)
+        with counting:
+            inputs = self.step_.prepare(video, rng)
+            timer.mark("teacher")
+            out = self.engine(*inputs)
+            timer.mark("student_forward")
+            self.engine.backward(out["loss"])
+            timer.mark("backward")
+        if counter is not None:
+            flops["total"] = float(counter.get_total_flops())
         self.engine.step()
         timer.mark("optimizer")
         return video.shape[0]
@@ -170,58 +171,32 @@ class StepRunner:
         self.batches = None
 
 
-class _Direct:
-    """Stands in for the DeepSpeed engine in the FLOP count: calls the module directly."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __call__(self, *args):
-        return self.module(*args)
-
-
-def count_flops(cfg) -> float | None:
-    """FLOPs of one step (forward + backward of the student, forward of the teacher)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ivfast.models.attention import set_backend
-    from ivfast.models.sample_rng import SampleRNG
-    from ivfast.training.tasks import build_task
-
-    set_backend("math")
-    device = torch.device("cuda" if on_gpu() else "cpu")
-    dtype = torch.bfloat16 if on_gpu() else torch.float32
-    torch.manual_seed(0)
-    task = build_task(cfg)
-    task.model.to(device, dtype)
-    task.to(device, dtype)
-    d = cfg.data
-    video = torch.randn(d.batch_size, 3, d.num_frames, d.img_size, d.img_size, device=device)
-    rng = SampleRNG.for_step(0, 0, range(d.batch_size), device)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        out = task.forward(_Direct(task.model), video, rng)
-        out["loss"].backward()
-    del task
-    return float(counter.get_total_flops())
-
-
 def tokens_per_clip(cfg) -> int:
     e, d = cfg.model.encoder, cfg.data
     return (d.num_frames // e.tubelet_size) * (d.img_size // e.patch_size) ** 2
 
 
-def run_row(cfg_path: str, way: str, overrides: list[str], steps: int, warmup: int, flops: float | None) -> dict:
+def run_row(cfg_path: str, way: str, overrides: list[str], steps: int, warmup: int, flop_cache: dict) -> dict:
+    """Time ``way`` on ``cfg_path``; ``flop_cache`` (config -> FLOPs per step) is filled by the
+    first row of a config."""
     cfg = load_config(os.path.join(ROOT, cfg_path) if not os.path.isabs(cfg_path) else cfg_path,
                       overrides + WAYS[way])
     row: dict = {"config": cfg_path, "way": way}
     runner = StepRunner(cfg, way)
-    device = runner.dist.device
+    device = runner.device
     if runner.compiled is not None:
         row["compiled"] = runner.compiled
+    off = _Sync(False, device)
+    if cfg_path not in flop_cache:
+        counted: dict = {}
+        try:
+            runner.step(off, flops=counted)
+        except Exception as e:  # noqa: BLE001 - FLOPs are reported as unknown, the timing still runs
+            print(f"{cfg_path}: FLOP count failed ({type(e).__name__}: {e})")
+        flop_cache[cfg_path] = counted.get("total")
+    flops = flop_cache[cfg_path]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    off = _Sync(False, device)
     for _ in range(warmup):
         runner.step(off)
     if device.type == "cuda":
@@ -268,18 +243,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     paper = on_gpu() if args.paper_shape is None else args.paper_shape
     overrides = (PAPER_SHAPE if paper else []) + ["data.source=synthetic", "train.progress=false"] + args.overrides
-    rows = []
+    rows, flop_cache = [], {}
     for cfg_path in args.configs:
-        cfg = load_config(os.path.join(ROOT, cfg_path) if not os.path.isabs(cfg_path) else cfg_path,
-                          overrides + WAYS["release"])
-        try:
-            flops = count_flops(cfg)
-        except Exception as e:  # noqa: BLE001 - FLOPs are reported as unknown, the timing still runs
-            print(f"{cfg_path}: FLOP count failed ({type(e).__name__}: {e})")
-            flops = None
         for way in args.ways:
             try:
-                row = run_row(cfg_path, way, overrides, args.steps, args.warmup, flops)
+                row = run_row(cfg_path, way, overrides, args.steps, args.warmup, flop_cache)
             except torch.cuda.OutOfMemoryError as e:
                 row = {"config": cfg_path, "way": way, "error": f"out of memory: {str(e)[:120]}"}
                 torch.cuda.empty_cache()

@@ -1,52 +1,147 @@
-"""Reading trained weights out of checkpoints: DeepSpeed directories (any ZeRO stage) or safetensors.
+"""Reading ivfast checkpoints without DeepSpeed: the directory layout, resume selection, a
+weights-only loader, and the model's fp32 state dict from any ZeRO stage or a safetensors file.
 
-:func:`load_model_state` returns the model's full state dict in fp32, whatever wrote it:
+Layout under ``<output_dir>/checkpoints/``:
 
-- a ``.safetensors`` file (e.g. written by ``ivfast-export --full``);
-- a run directory (``<output_dir>``, holding ``checkpoints/``), a checkpoints directory
-  (``<output_dir>/checkpoints``: the tag named by ``latest`` if complete, else the newest
-  complete one, as resuming picks) or one tag directory (``.../step_00000100``). A tag is
-  complete once ``ivfast_state.json`` exists (written after every rank's files).
+- ``step_XXXXXXXX/`` (:data:`TAG_RE`): DeepSpeed's files plus :data:`STATE_FILE` (the loop's
+  position), written last, after every rank's files. A tag without it is incomplete and is
+  never resumed or read.
+- :data:`LATEST`: the tag of the newest complete checkpoint, replaced atomically after its
+  state file exists, so it never names an incomplete one.
 
-DeepSpeed layouts (files in the tag directory, every one read with
-:func:`ivfast.training.checkpoint.safe_load`, i.e. ``weights_only=True``):
-
-- ZeRO 0-2: ``mp_rank_00_model_states.pt`` holds the whole module state (``module``). When
-  it is not fp32 (bf16 training) and the optimiser's partitions
-  (``*zero_pp_rank_<r>_mp_rank_00_optim_states.pt``, key ``single_partition_of_fp32_groups``)
-  are there, the trainable parameters are rebuilt from those fp32 master weights instead:
-  each group's partitions concatenated in rank order, then cut into the parameters of
-  ``param_shapes`` in order (skipping ``param_alignment_paddings``); frozen parameters and
-  buffers come from ``module``.
-- ZeRO-3: ``zero_pp_rank_<r>_mp_rank_00_model_states.pt`` (per rank: ``param_shapes``,
-  buffers, ``frozen_param_shapes`` / ``frozen_param_fragments``) and
-  ``zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` (per rank: ``fp32_flat_groups``). Each rank
-  holds ``ceil(numel / world)`` elements of every trainable parameter, one after the other in
-  ``param_shapes`` order (groups concatenated): parameter ``p`` is the concatenation over ranks
-  of each rank's slice, cut to ``numel``. Frozen parameters are partitioned the same way,
-  one fragment per rank in the model-state files.
-
-Every inconsistency (missing rank files, a world size that does not match, numbers of
-elements that do not add up, files of two layouts) raises :class:`CheckpointError`.
+This module must not import DeepSpeed or the trainer (export and probes read checkpoints on
+machines and in processes that have neither).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
 from collections import OrderedDict
+from enum import IntEnum
 
 import torch
 
-from ivfast.training.checkpoint import LATEST, STATE_FILE, _TAG_RE, find_resume, safe_load
-
 log = logging.getLogger("ivfast.checkpoint_io")
+
+STATE_FILE = "ivfast_state.json"
+LATEST = "latest"
+TAG_RE = re.compile(r"^step_(\d{8,})$")
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 _ZERO3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
 _OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 _OTHER_MP_RE = re.compile(r"mp_rank_(?!00)\d+")
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def tag_for(step: int) -> str:
+    """The tag of the checkpoint at ``step`` (``step_00000100``); :data:`TAG_RE` group 1 is the step."""
+    return f"step_{step:08d}"
+
+
+def complete_tags(ckpt_dir: str) -> list[str]:
+    """Complete checkpoint tags (those with :data:`STATE_FILE`), oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    tags = [t for t in os.listdir(ckpt_dir)
+            if TAG_RE.match(t) and os.path.isfile(os.path.join(ckpt_dir, t, STATE_FILE))]
+    return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
+
+
+def find_resume(ckpt_dir: str) -> str | None:
+    """The tag to resume from: :data:`LATEST` if it names a complete checkpoint, else the newest
+    complete one, else None."""
+    latest = os.path.join(ckpt_dir, LATEST)
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            tag = f.read().strip()
+        if tag and os.path.isfile(os.path.join(ckpt_dir, tag, STATE_FILE)):
+            return tag
+        log.warning("checkpoint 'latest' names %r, which is incomplete; looking for another", tag)
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def read_state(ckpt_dir: str, tag: str) -> dict:
+    """The loop state (:data:`STATE_FILE`) of checkpoint ``tag``."""
+    with open(os.path.join(ckpt_dir, tag, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a crash leaves the old or the new content, never a mix.
+
+    The text goes to a temporary file beside ``path`` that is fsynced, renamed over ``path``
+    (atomic on POSIX), and the directory is fsynced so the rename itself survives a power loss.
+    """
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# ----------------------------------------------------------------------------- weights-only loading
+#
+# DeepSpeed's optimiser files pickle three of its own classes beside the tensors. Weights-only
+# unpickling resolves a global only by its qualified name in an allow-list, and that list may
+# map a name to any class (``(cls, "qualified.name")``), so inert stand-ins here read the files
+# without importing DeepSpeed. Readers need only the tensors; a loader that hands the objects
+# back to DeepSpeed passes the real classes as ``extra_globals`` (they replace the stand-ins).
+
+
+class _FragmentAddress:
+    """Stands in for ``deepspeed.utils.tensor_fragment.fragment_address`` (fields ``numel``, ``start``)."""
+
+
+class _LossScaler:
+    """Stands in for ``deepspeed.runtime.fp16.loss_scaler.LossScaler`` (fields ``cur_scale``, ``dynamic``)."""
+
+
+class _ZeroStage(IntEnum):
+    """Stands in for ``deepspeed.runtime.zero.config.ZeroStageEnum`` (same values)."""
+
+    disabled = 0
+    optimizer_states = 1
+    gradients = 2
+    weights = 3
+
+
+_STAND_INS = {
+    "deepspeed.utils.tensor_fragment.fragment_address": _FragmentAddress,
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler": _LossScaler,
+    "deepspeed.runtime.zero.config.ZeroStageEnum": _ZeroStage,
+}
+DEEPSPEED_CLASSES = tuple(_STAND_INS)
+"""Qualified names of the DeepSpeed classes that DeepSpeed's checkpoint files hold."""
+
+
+def safe_load(path: str, map_location=None, extra_globals=()):
+    """``torch.load(path, weights_only=True)`` that also accepts the classes named in
+    :data:`DEEPSPEED_CLASSES`: as inert stand-ins, or as the classes in ``extra_globals``
+    (each allowed under its own qualified name, replacing the stand-in of that name).
+
+    No code from the file runs: any other global than tensors, plain containers and these
+    classes is refused (``pickle.UnpicklingError``, "Weights only load failed").
+    """
+    allowed = dict(_STAND_INS)
+    allowed.update((f"{c.__module__}.{c.__qualname__}", c) for c in extra_globals)
+    with torch.serialization.safe_globals([(c, name) for name, c in allowed.items()]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# ----------------------------------------------------------------------------- errors
 
 
 class CheckpointError(RuntimeError):
@@ -72,7 +167,7 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
             raise CheckpointError(f"{path} is an incomplete checkpoint (no {STATE_FILE}: its save did not "
                                   f"finish); use another step or the checkpoints directory")
         return "deepspeed", path
-    tags = [t for t in os.listdir(path) if _TAG_RE.match(t)]
+    tags = [t for t in os.listdir(path) if TAG_RE.match(t)]
     if not tags and not os.path.isfile(os.path.join(path, LATEST)):
         raise CheckpointError(f"{path} holds no checkpoint (expected a run dir, a checkpoints dir with "
                               f"'{LATEST}' and step_XXXXXXXX dirs, a step dir, or a .safetensors file)")
@@ -84,7 +179,7 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
 
 
 def _is_tag_dir(path: str) -> bool:
-    if _TAG_RE.match(os.path.basename(os.path.normpath(path))):
+    if TAG_RE.match(os.path.basename(os.path.normpath(path))):
         return True
     return any(n.endswith("_model_states.pt") for n in os.listdir(path))
 
@@ -105,7 +200,11 @@ def find_run_dir(path: str) -> str | None:
 
 
 def load_model_state(path: str, *, master_weights: bool | None = None) -> dict[str, torch.Tensor]:
-    """The model's state dict in fp32 from a checkpoint (see the module docstring for ``path``).
+    """The model's state dict in fp32 (integer buffers keep their dtype) from ``path``:
+
+    - a ``.safetensors`` file (e.g. ``ivfast-export --full``);
+    - a run directory (holding ``checkpoints/``), a checkpoints directory (the tag
+      :func:`find_resume` picks) or one complete tag directory: :func:`load_deepspeed_tag`.
 
     ``master_weights`` (ZeRO 0-2 only): None picks the optimiser's fp32 master copy when the
     saved module is not fp32; True always rebuilds the trainable parameters from it; False
@@ -124,7 +223,28 @@ def load_model_state(path: str, *, master_weights: bool | None = None) -> dict[s
 
 
 def load_deepspeed_tag(tag_dir: str, *, master_weights: bool | None = None) -> dict[str, torch.Tensor]:
-    """fp32 state dict of one DeepSpeed tag directory (ZeRO 0-3, one model-parallel rank)."""
+    """fp32 state dict of one DeepSpeed tag directory (ZeRO 0-3, one model-parallel rank).
+
+    Every file is read with :func:`safe_load`. Layouts:
+
+    - ZeRO 0-2: ``mp_rank_00_model_states.pt`` holds the whole module state (``module``). When
+      the fp32 master weights are used (see :func:`load_model_state`), the trainable
+      parameters are rebuilt from the optimiser partitions
+      (``[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt``, key
+      ``single_partition_of_fp32_groups``): each group's partitions concatenated in rank
+      order, then cut into the parameters of ``param_shapes`` in order, skipping
+      ``param_alignment_paddings``; frozen parameters and buffers come from ``module``.
+    - ZeRO-3: per rank, ``zero_pp_rank_<r>_mp_rank_00_model_states.pt`` (``param_shapes``,
+      buffers, ``frozen_param_shapes`` / ``frozen_param_fragments``) and the optimiser file
+      (``fp32_flat_groups``). Each rank holds ``ceil(numel / world)`` elements of every
+      trainable parameter, one after the other in ``param_shapes`` order (groups
+      concatenated): parameter ``p`` is the concatenation over ranks of each rank's slice,
+      cut to ``numel``. Frozen parameters are partitioned the same way, one fragment per
+      rank in the model-state files.
+
+    Any inconsistency (missing rank files, a world size that does not match, element counts
+    that do not add up, files of two layouts) raises :class:`CheckpointError`.
+    """
     names = os.listdir(tag_dir)
     others = [n for n in names if n.endswith(".pt") and _OTHER_MP_RE.search(n)]
     if others:
@@ -161,8 +281,10 @@ def _load(tag_dir: str, name: str) -> dict:
     try:
         data = safe_load(path, map_location="cpu")
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot be read safely ({type(e).__name__}: {str(e).splitlines()[0]})") \
-            from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        why = (f"it holds {found.group(1)}, which weights-only loading does not allow" if found
+               else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise CheckpointError(f"{path}: cannot be read safely ({why})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: not a DeepSpeed checkpoint file (top level is {type(data).__name__})")
     return data

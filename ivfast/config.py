@@ -7,15 +7,25 @@ line overrides are ``section.key=value`` (values parsed as YAML). Every error is
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, List, Literal
 
 import yaml
+
+from ivfast.data.config import DataConfig
+from ivfast.models.diffloss import DiffusionConfig
+from ivfast.models.encoder import EncoderConfig
+from ivfast.models.predictor import PredictorConfig
+from ivfast.models.stage1 import AlignConfig, Stage1Config
+from ivfast.models.stage2 import Stage2ModelConfig
+from ivfast.models.teacher import TeacherConfig
 
 
 class ConfigError(ValueError):
@@ -24,70 +34,28 @@ class ConfigError(ValueError):
 
 # The modules whose blocks ``model.checkpointing`` may recompute in backward.
 CHECKPOINTABLE = ("encoder", "predictor", "diffusion")
+# Keys renamed since: the old name still works, with a FutureWarning.
+RENAMED = {"model.lean_mlp": "model.lean_saves"}
 
 
 @dataclass
-class EncoderConfig:
-    width: int = 768
-    depth: int = 12
-    heads: int = 12
-    mlp_ratio: float = 4.0
-    block: Literal["release", "plain"] = "release"
-    num_cls_tokens: int = 4
-    layer_scale_init: float = 1e-5
-    drop_path: float = 0.1
-    patch_size: int = 14
-    tubelet_size: int = 1
-    pos_learnable: bool = True
-
-
-@dataclass
-class TeacherConfig:
-    img_size: int = 256
-    patch_size: int = 16
-    width: int = 1536
-    depth: int = 40
-    heads: int = 16
-    mlp_dim: int = 6144
+class TeacherRunConfig(TeacherConfig):
     layer_interval: float = 3.33
     weights: str = ""
     init_seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # the frozen Stage-1 teacher's dtype; auto: the training dtype
+    # the teacher's attention backend; same: model.attention
+    attention: Literal["same", "auto", "flash", "sdpa", "flex", "math"] = "same"
 
 
 @dataclass
-class AlignConfig:
-    num_layers: int = 6
-    head_hidden: int = 0
-    pool_heads: int = 16
-    pool_dim: int = 768
+class PredictorRunConfig(PredictorConfig):
+    init_weights: str = ""  # ModernBERT weights (a local .safetensors) for the predictor's layers
 
 
 @dataclass
-class PredictorConfig:
-    width: int = 1024
-    depth: int = 5
-    heads: int = 16
-    mlp_hidden: int = 2624
-    window: int = 128
-    global_every: int = 3
-    first_layer_id: int = 23
-    init_weights: str = ""
-
-
-@dataclass
-class DiffusionConfig:
-    width: int = 1536
-    depth: int = 6
-    num_timesteps: int = 1000
-    schedule: Literal["cosine", "linear"] = "cosine"
-    learn_sigma: bool = True
-    batch_mul: int = 1
+class DiffusionRunConfig(DiffusionConfig):
     reconstruction_ratio: float = 1.0  # share of each sample's masked tokens given to the diffusion loss
-    precision: Literal["auto", "fp32"] = "auto"  # fp32: the head computes in fp32 (the release) under bf16 training
-    # > 0: loss and gradients computed this many rows at a time in the forward, only the
-    # gradients kept for backward (ivfast.models.chunked_loss); 0: plain autograd. Off under ZeRO-3.
-    chunk_rows: int = 8192
 
 
 @dataclass
@@ -113,35 +81,13 @@ class ModelConfig:
     mask_ratio: float = 0.75
     loss_weights: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     checkpointing: List[str] = field(default_factory=list)  # activation checkpointing per block: CHECKPOINTABLE
-    lean_mlp: bool = True  # MLPs save only input + fc1 output, LayerScale its bf16 input (ivfast.models.lean_mlp)
+    lean_saves: bool = True  # autograd keeps less for backward, same values (ivfast.ops.lean; was lean_mlp)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teacher: TeacherRunConfig = field(default_factory=TeacherRunConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
-    predictor: PredictorConfig = field(default_factory=PredictorConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    predictor: PredictorRunConfig = field(default_factory=PredictorRunConfig)
+    diffusion: DiffusionRunConfig = field(default_factory=DiffusionRunConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
-
-
-@dataclass
-class DataConfig:
-    source: Literal["synthetic", "list"] = "synthetic"
-    list_file: str = ""
-    root: str = ""
-    num_frames: int = 16
-    img_size: int = 224
-    scales: List[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.66])
-    flip: bool = True
-    synthetic_clips: int = 1024
-    batch_size: int = 16
-    num_workers: int = 2
-    max_bad_fraction: float = 0.5
-    backend: Literal["auto", "dali", "pyav", "synthetic"] = "auto"
-    list_format: Literal["auto", "release", "plain", "csv"] = "auto"
-    check_files: bool = True
-    min_frames: int = 4  # a video with fewer decodable frames is too short: skipped and counted
-    decode_timeout_s: float = 60.0
-    dali_threads: int = 4
-    dali_prefetch: int = 2
 
 
 @dataclass
@@ -253,6 +199,9 @@ def _merge_into(obj: Any, data: dict, prefix: str = "") -> None:
     types_ = _fields(type(obj))
     for name, value in data.items():
         key = f"{prefix}{name}"
+        if key in RENAMED:
+            key = _renamed(key)
+            name = key.rsplit(".", 1)[-1]
         if name not in types_:
             raise _unknown(key, str(name), types_)
         tp = types_[name]
@@ -301,8 +250,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, raw
 
 
+def _renamed(key: str) -> str:
+    new = RENAMED[key]
+    warnings.warn(f"config key '{key}' is deprecated: use '{new}'", FutureWarning, stacklevel=4)
+    return new
+
+
 def _apply_override(cfg: Config, text: str) -> None:
     parts, raw = parse_override(text)
+    if ".".join(parts) in RENAMED:
+        parts = _renamed(".".join(parts)).split(".")
     obj = cfg
     for i, name in enumerate(parts):
         types_ = _fields(type(obj))
@@ -346,6 +303,42 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     cfg = load_dataclass(Config, path, overrides)
     validate(cfg)
     return cfg
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A validated copy of ``cfg`` with dotted ``overrides`` applied."""
+    out = copy.deepcopy(cfg)
+    for text in overrides:
+        _apply_override(out, text)
+    validate(out)
+    return out
+
+
+# The release's way of running a Stage-1 step, as a mode of ivfast: none of ivfast's kernels,
+# lean saves or chunked diffusion loss, no activation checkpointing, an fp32 teacher with eager
+# ("math") attention, an fp32 diffusion head over every masked token, DeepSpeed's default 5e8
+# gradient bucket. The memory model (ivfast.memory.analytic.release_way) and the step benchmark
+# (benchmarks/step.py) both run it from this list.
+RELEASE_WAY = ["model.fused_kernels=false", "model.lean_saves=false", "model.checkpointing=[]",
+               "model.diffusion.chunk_rows=0", "model.diffusion.precision=fp32",
+               "model.diffusion.reconstruction_ratio=1.0", "model.teacher.precision=fp32",
+               "model.teacher.attention=math", "deepspeed.reduce_bucket_size=500000000"]
+
+
+def stage1_config(cfg: Config) -> Stage1Config:
+    """The Stage-1 model's own config, from the run config."""
+    m = cfg.model
+    return Stage1Config(num_frames=cfg.data.num_frames, img_size=cfg.data.img_size, recon=m.recon,
+                        loss_weights=list(m.loss_weights), teacher_width=m.teacher.width,
+                        encoder=copy.deepcopy(m.encoder), align=copy.deepcopy(m.align),
+                        predictor=copy.deepcopy(m.predictor), diffusion=copy.deepcopy(m.diffusion))
+
+
+def stage2_config(cfg: Config) -> Stage2ModelConfig:
+    """The Stage-2 model's own config, from the run config."""
+    m = cfg.model
+    return Stage2ModelConfig(num_frames=cfg.data.num_frames, img_size=cfg.data.img_size,
+                             encoder=copy.deepcopy(m.encoder), predictor=copy.deepcopy(m.predictor))
 
 
 def to_dict(cfg: Config) -> dict:

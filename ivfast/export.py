@@ -3,21 +3,9 @@
     ivfast-export CHECKPOINT OUT_DIR [--config CONFIG_YAML] [--full]
     python -m ivfast.export CHECKPOINT OUT_DIR ...      (without the console script)
 
-CHECKPOINT: a run directory, its ``checkpoints`` directory (newest complete step), one
-``step_XXXXXXXX`` directory, or a ``.safetensors`` model state (see
-:func:`ivfast.checkpoint_io.load_model_state`). The config defaults to the run's
-``config.yaml`` (found in the run directory above the checkpoint, or beside a
-``.safetensors`` file).
-
-Writes:
-- ``OUT_DIR/encoder.safetensors``: the encoder's fp32 weights, keys as in
-  ``VideoEncoder.state_dict()`` (Stage 1: the ``encoder.*`` keys; Stage 2: the student's
-  ``encoder.*``, not the teacher's);
-- ``OUT_DIR/encoder.yaml``: the ``VideoEncoder`` constructor arguments, the data size and frame
-  count and the input normalisation, so that :func:`load_exported_encoder` rebuilds it;
-- with ``--full``: ``OUT_DIR/model.safetensors`` (the whole model state, fp32) and
-  ``OUT_DIR/config.yaml`` (the run config), e.g. to start Stage 2 from one consolidated file
-  (``model.stage2.init_checkpoint=OUT_DIR/model.safetensors``).
+CHECKPOINT: anything :func:`ivfast.checkpoint_io.load_model_state` reads (run directory,
+checkpoints directory, ``step_XXXXXXXX`` directory, ``.safetensors`` model state). The config
+defaults to the run's ``config.yaml``. Outputs: see :func:`export`.
 """
 from __future__ import annotations
 
@@ -67,7 +55,21 @@ def build_encoder(kwargs: dict, state: dict | None = None):
 
 
 def export(checkpoint: str, out_dir: str, config_path: str | None = None, full: bool = False) -> dict:
-    """Write the export files; returns {"encoder": path, "yaml": path, ["model": path, "config": path]}."""
+    """Write the export files; returns {"encoder": path, "yaml": path, ["model": path, "config": path]}.
+
+    - ``OUT_DIR/encoder.safetensors``: the encoder's fp32 weights, keys as in
+      ``VideoEncoder.state_dict()`` (the model's ``encoder.*`` keys: in Stage 2 the student's,
+      never the teacher's);
+    - ``OUT_DIR/encoder.yaml``: the ``VideoEncoder`` constructor arguments, the data size and
+      frame count and the input normalisation, so that :func:`load_exported_encoder` rebuilds it;
+    - with ``full``: ``OUT_DIR/model.safetensors`` (the whole model state, fp32) and
+      ``OUT_DIR/config.yaml`` (the run config), e.g. to start Stage 2 from one file
+      (``model.stage2.init_checkpoint=OUT_DIR/model.safetensors``).
+
+    ``config_path`` defaults to the ``config.yaml`` of the run directory above the checkpoint
+    (or beside a ``.safetensors`` file). The weights are checked against the config before
+    anything is written.
+    """
     from ivfast.checkpoint_io import find_run_dir, load_model_state, resolve_checkpoint, save_safetensors
     from ivfast.config import load_config, save_config
     from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD

@@ -7,8 +7,10 @@ imports triton. Subprocess training runs get a clean environment unless a test a
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+if ROOT not in sys.path:  # ``tests.support`` and the repository's packages
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
@@ -31,18 +33,14 @@ def pytest_sessionstart(session):
         raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set; kernel tests cannot run")
 
 
-# Set by an in-process ``distributed.init`` earlier in the session (its store still holds
-# MASTER_PORT): a training subprocess must pick its own rendezvous.
-RENDEZVOUS_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                   "CROSS_RANK", "CROSS_SIZE"}
+@pytest.fixture(autouse=True)
+def _kernels_only_where_asked(request):
+    """Outside tests/ops the Triton kernels (interpreted here: slow) are off unless a test is
+    marked ``kernels``; the references compute the same functions."""
+    from ivfast.ops import dispatch
 
-
-def run_env(interpret: bool = False, **extra) -> dict:
-    """Environment for a training subprocess: the interpreter only when asked for, and no
-    rendezvous variables inherited from this process."""
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS and k != "TRITON_INTERPRET"}
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    env.update(extra)
-    return env
+    if request.node.get_closest_marker("kernels") or f"{os.sep}tests{os.sep}ops{os.sep}" in str(request.node.path):
+        yield
+        return
+    with dispatch.override(fused=False):
+        yield

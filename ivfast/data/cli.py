@@ -1,34 +1,5 @@
-"""``ivfast-data``: check a dataset list by decoding every video, or re-encode it for training.
-
-    ivfast-data check LIST [--root DIR] [--format F] [--strict] [--workers N] [--timeout S] [--min-frames N]
-    ivfast-data prepare LIST OUT_DIR [--root DIR] [--format F] [--short-side 320] [--fps 25] [--gop 16]
-                        [--codec libx264] [--crf 20] [--preset veryfast] [--workers N] [--list-out PATH]
-    python -m ivfast.data.cli ...      (without the console script)
-
-``check`` decodes every frame of every video of LIST (any format of :mod:`ivfast.data.lists`;
-a path listed twice is decoded once) in ``--workers`` processes and prints one ``BAD``
-line per unreadable video with the reason (missing, empty, not a video, no video stream,
-zero or fewer than ``--min-frames`` frames, a decoding error, decoding longer than
-``--timeout`` seconds), one ``NOTE`` line per readable video with something to know (a
-first frame that is not at time 0, a variable frame rate, a header that states more
-frames than decode), then a summary line. Exit status: 0, or 1 with ``--strict`` when any
-video is bad; 2 when the list itself cannot be read.
-
-``prepare`` re-encodes every video to ``OUT_DIR`` for fast training reads: H.264 (or
-``--codec``) in MP4 with the index at the front, constant frame rate ``--fps`` (0: the
-source's mean rate; frames are repeated or dropped by timestamp), a keyframe every
-``--gop`` frames and no B-frames (cheap random access), short side at most
-``--short-side`` pixels (never upscaled) and even dimensions (4:2:0 chroma needs them),
-no audio. A video's output path is its path in the list, relative to OUT_DIR (an absolute
-path loses its leading ``/``), with the extension ``.mp4`` (``name.ext.mp4`` where two
-sources would collide). It is resumable: each output is written to ``NAME.partial`` and
-renamed when complete, and a run skips outputs that exist. Unreadable inputs are
-reported and left out. Last, the new list (same format as LIST, paths replaced by the
-output paths relative to OUT_DIR: train with ``data.root`` = OUT_DIR) is written
-atomically to ``--list-out`` (default ``OUT_DIR/<LIST's file name>``). Exit status: 0
-when the new list names at least one video, 1 when none could be prepared, 2 when the
-list cannot be read.
-"""
+"""``ivfast-data check`` (decode every video of a list, report the bad ones) and ``ivfast-data
+prepare`` (re-encode a list's videos for fast training reads, write the new list)."""
 from __future__ import annotations
 
 import argparse
@@ -39,7 +10,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+from ivfast.data.decode_timeout import time_limit
 from ivfast.data.lists import FORMATS, ListFile, format_list, parse_list
+from ivfast.data.video_list import failure_reason, open_video
 
 
 @dataclass
@@ -55,22 +28,19 @@ class VideoReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _reason(e: BaseException) -> str:
-    from ivfast.data.video_list import _Unreadable
-
-    return str(e) if isinstance(e, _Unreadable) else f"{type(e).__name__}: {e}"
-
-
 def check_video(path: str, timeout_s: float = 60.0, min_frames: int = 1) -> VideoReport:
-    """Decode every frame of ``path``; never raises for a bad video (see the module docstring)."""
-    from ivfast.data.decode_timeout import time_limit
-    from ivfast.data.video_list import _open
+    """Decode every frame of ``path``; never raises for a bad video.
 
+    Bad: missing, empty, not a video, no video stream, zero or fewer than ``min_frames``
+    frames, a decoding error, decoding longer than ``timeout_s``. Notes for a readable
+    video: a first frame after time 0, a variable frame rate, a header that states more
+    frames than decode (frames are counted in decode order when training).
+    """
     rep = VideoReport(path, ok=False)
     times: list[float] = []
     try:
         with time_limit(timeout_s) as deadline:
-            with _open(path, timeout_s) as container:
+            with open_video(path, timeout_s) as container:
                 stream = container.streams.video[0]
                 header_frames = int(stream.frames or 0)
                 for frame in container.decode(stream):
@@ -80,7 +50,7 @@ def check_video(path: str, timeout_s: float = 60.0, min_frames: int = 1) -> Vide
                         times.append(float(frame.time))
                     deadline.check()
     except Exception as e:  # noqa: BLE001 - every failure is a report line
-        rep.reason = _reason(e)
+        rep.reason = failure_reason(e)
         return rep
     if rep.frames == 0:
         rep.reason = "zero frames"
@@ -129,7 +99,12 @@ def _run_all(fn, jobs: list[tuple], workers: int, desc: str) -> list:
 
 def check(list_file: str, root: str = "", fmt: str = "auto", workers: int = 1, timeout_s: float = 60.0,
           min_frames: int = 1, out=None) -> list[VideoReport]:
-    """Check every video of a list; print the report to ``out`` (default stdout); return the reports."""
+    """Check every video of a list (a path listed twice is decoded once) in ``workers`` processes.
+
+    Prints to ``out`` (default stdout) one ``BAD`` line per unreadable video with the
+    reason, one ``NOTE`` line per note of a readable one (``check_video``), then a summary
+    line; returns the reports.
+    """
     out = out or sys.stdout
     lst = parse_list(list_file, root, fmt)
     paths = _unique_paths(lst)
@@ -168,7 +143,12 @@ def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
 
 
 def output_names(paths_as_written: list[str]) -> dict[str, str]:
-    """Map each list path (as written) to its output path relative to OUT_DIR (see the module docstring)."""
+    """Map each list path (as written) to its output path relative to OUT_DIR.
+
+    The output path is the list path with the extension ``.mp4`` (an absolute path loses
+    its leading ``/``, ``..`` becomes ``_up_``), or ``name.ext.mp4`` where two sources would
+    collide.
+    """
 
     def rel(p: str) -> str:
         p = os.path.splitdrive(p)[1].replace("\\", "/")
@@ -187,13 +167,17 @@ def output_names(paths_as_written: list[str]) -> dict[str, str]:
 
 
 def _encode(src: str, dst: str, opt: EncodeOptions) -> int:
-    """Re-encode ``src`` to ``dst`` (MP4) at a constant frame rate; returns the frames written."""
+    """Re-encode ``src`` to ``dst`` (MP4); returns the frames written.
+
+    Constant frame rate ``opt.fps`` (0: the source's mean rate; frames are repeated or
+    dropped by timestamp), a keyframe every ``opt.gop`` frames and no B-frames (cheap
+    random access), the index at the front, short side at most ``opt.short_side`` (never
+    upscaled) and even dimensions (4:2:0 chroma needs them), no audio.
+    """
     import av
     from av.video.reformatter import VideoReformatter
 
-    from ivfast.data.video_list import _open
-
-    with _open(src) as inp:
+    with open_video(src) as inp:
         ist = inp.streams.video[0]
         src_rate = ist.average_rate or ist.guessed_rate
         rate = Fraction(opt.fps).limit_denominator(1001) if opt.fps > 0 else Fraction(src_rate or 25)
@@ -259,13 +243,20 @@ def prepare_video(src: str, dst: str, opt: EncodeOptions) -> tuple[str, str]:
     except Exception as e:  # noqa: BLE001 - a bad input is reported and left out
         if os.path.exists(tmp):
             os.remove(tmp)
-        return "bad", _reason(e)
+        return "bad", failure_reason(e)
     return "done", ""
 
 
 def prepare(list_file: str, out_dir: str, root: str = "", fmt: str = "auto", opt: EncodeOptions = EncodeOptions(),
             workers: int = 1, list_out: str = "", out=None) -> tuple[str, dict]:
-    """Re-encode the videos of a list into ``out_dir`` and write the new list; returns (list path, counts)."""
+    """Re-encode the videos of a list into ``out_dir`` and write the new list; returns (list path, counts).
+
+    Outputs (``_encode``, names from ``output_names``) are written to ``NAME.partial`` and
+    renamed when complete, and outputs that exist are skipped, so a run resumes. Unreadable
+    inputs are reported and left out. The new list (LIST's format, paths relative to
+    ``out_dir``: train with ``data.root`` = ``out_dir``) is written atomically to
+    ``list_out`` (default ``out_dir/<LIST's file name>``).
+    """
     out = out or sys.stdout
     lst = parse_list(list_file, root, fmt)
     written = [ln.fields[ln.path_field] for ln in lst.lines]
@@ -332,6 +323,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Exit status: 2 when the list cannot be read; ``check``: 1 with ``--strict`` when any video
+    is bad, else 0; ``prepare``: 1 when no video could be prepared, else 0."""
     args = parse_args(argv)
     try:
         if args.cmd == "check":

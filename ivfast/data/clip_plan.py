@@ -1,13 +1,5 @@
-"""The random choices of one training clip, drawn before any frame is decoded.
-
-A GPU decoder needs to know which frames to decode, and where to crop, before it starts;
-the PyAV path draws the same choices while it decodes. ``plan_train_clip`` draws them from
-the sample's rng in exactly the PyAV path's order (``VideoListDataset.__getitem__`` ->
-``load_clip`` -> ``train_transform``): the TSN frame indices, then the multi-scale crop
-(pair, y offset, x offset), then one flip draw only when flipping is allowed. With
-``rng = numpy.random.default_rng(sample_seed)`` both backends therefore take the same
-frames, crop and flip for the same (index, seed).
-"""
+"""The random choices of one training clip, drawn before any frame is decoded (a GPU decoder
+must know which frames to decode, and where to crop, before it starts)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,7 +40,12 @@ def plan_train_clip(
     first_frame: int = 0,
     max_distort: int = 1,
 ) -> ClipPlan:
-    """Draw a training clip's frames, crop and flip from ``rng`` (see the module docstring).
+    """Draw a training clip's frames, crop and flip from ``rng``.
+
+    The draws come in the PyAV path's order (``load_clip`` then ``train_transform``): the
+    TSN indices, the multi-scale crop (pair, y offset, x offset), then one flip draw only
+    when flipping is allowed. With ``rng = numpy.random.default_rng(sample_seed)`` both
+    backends therefore take the same frames, crop and flip for the same (index, seed).
 
     ``num_total`` is the number of frames sampled from, starting at ``first_frame`` (a
     segment of a longer video): the indices are ``first_frame + tsn_indices(num_total,

@@ -1,8 +1,17 @@
-"""Batch collation that drops unreadable samples and counts them."""
+"""What datasets and loaders exchange: sample keys in, batches of the readable samples out."""
 from __future__ import annotations
 
 import torch
 from torch.utils.data import default_collate
+
+
+def sample_key(key) -> tuple[int, int]:
+    """A dataset key as ``(index, sample_seed)``; a plain int index means seed 0."""
+    if isinstance(key, (tuple, list)):
+        if len(key) != 2:
+            raise TypeError(f"dataset key must be (index, seed), got {key!r}")
+        return int(key[0]), int(key[1])
+    return int(key), 0
 
 
 def collate_skip_bad(items) -> dict:

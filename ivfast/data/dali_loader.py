@@ -1,46 +1,5 @@
-"""Training clips decoded and augmented by NVIDIA DALI (GPU decoder, or DALI's CPU decoder).
-
-``DaliVideoLoader`` stands in for the PyAV ``DataLoader``: it iterates a
-``ShardedBatchSampler`` (rank sharding, epoch-seeded shuffling and the resume position all
-come from there) and yields the batches ``collate_skip_bad`` yields::
-
-    {"video": (B, C, T, size, size) in ``dtype`` on cuda:device_id ("gpu") or the CPU ("cpu"),
-     "label": int64 (B,), "index": int64 (B,), "num_bad": int}
-
-with ``video`` None when no sample of the batch could be read.
-
-Per sample, Python (on ``num_threads`` threads) reads the file's bytes, probes its frame
-count, frame size, length and codec with PyAV (the stream header; what the header lacks
-comes from the video packets, read without decoding: their number, and the span of their
-timestamps; probes are cached per video), and draws the clip plan
-(``clip_plan.plan_train_clip``: the same frames, crop and flip as the PyAV path for the
-same (index, seed)). DALI then decodes just those frames (``fn.decoders.video``, device "mixed"
-for "gpu", "cpu" for "cpu"), crops and resizes them in one bilinear step (``fn.resize``
-with a pixel ROI, no antialias), mirrors and normalises them (``fn.crop_mirror_normalize``,
-layout CFHW). The result is copied device-to-device into a torch tensor; nothing makes a
-host round trip on the GPU path.
-
-An entry's ``start_s`` / ``end_s`` segment maps to frames as in the PyAV path
-(``lists.segment_frames``, with the list's ``total_s`` or the probed length); a clip with
-fewer than ``min_frames`` frames to sample from is a bad sample, as there.
-
-DALI's CPU decoder only handles VP8, VP9 and MJPEG (not H.264/HEVC); the GPU decoder adds
-H.264, HEVC, AV1 and MPEG-4.
-
-Bad input never stops the run and is never retried in a loop: a sample whose file is
-missing, empty, not a video, has no frames or a codec the decoder cannot take is dropped
-before DALI, with a warning on the ``"ivfast.data"`` logger naming the file, and counted in
-``num_bad``. When DALI fails on a batch (a truncated file that passed the probe, say) the
-pipeline is rebuilt and the batch's samples are decoded one at a time, once each: those
-that fail again are warned about and counted, the rest are returned. (One difference from
-the PyAV path: a file whose header claims more frames than it holds is a bad sample here,
-where PyAV draws again from the frames that do decode.)
-
-Batches are prepared ``prefetch`` ahead on a background thread (0: in the caller's thread),
-so decoding overlaps training. Each ``iter(loader)`` starts an epoch at the sampler's
-position and stops the previous epoch's thread; an epoch abandoned midway stops its thread
-when it is closed, garbage collected, or at interpreter exit.
-"""
+"""Training clips decoded and augmented by NVIDIA DALI (NVDEC on the GPU, or DALI's CPU decoder),
+with the PyAV path's frames, crop and flip for the same (index, sample seed)."""
 from __future__ import annotations
 
 import atexit
@@ -58,18 +17,15 @@ import torch
 from ivfast.data.clip_plan import ClipPlan, plan_train_clip
 from ivfast.data.lists import VideoEntry, segment_frames
 from ivfast.data.transforms import DEFAULT_SCALES, IMAGENET_MEAN, IMAGENET_STD
+from ivfast.data.video_list import UnreadableVideo, failure_reason
 
 logger = logging.getLogger("ivfast.data")
 
-# Codec names as FFmpeg (and so PyAV) reports them.
+# The codecs each DALI decoder takes, named as FFmpeg (and so PyAV) names them.
 CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 GPU_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "mjpeg", "av1", "mpeg4"})
 
 __all__ = ["DaliVideoLoader", "VideoProbe", "probe_video", "CPU_CODECS", "GPU_CODECS"]
-
-
-class _Unreadable(Exception):
-    """A sample that cannot give a clip; the message is the reason logged."""
 
 
 @dataclass(frozen=True)
@@ -84,16 +40,20 @@ class VideoProbe:
 
 
 def probe_video(data: bytes) -> VideoProbe:
-    """Probe an encoded video held in memory. Raises ``_Unreadable`` (or a PyAV error)."""
+    """Probe an encoded video held in memory. Raises ``UnreadableVideo`` (or a PyAV error).
+
+    What the header lacks (Matroska / WebM state no frame count) comes from the packets,
+    read without decoding: their number, and the span of their timestamps.
+    """
     import io
 
     import av
 
     if not data:
-        raise _Unreadable("empty file")
+        raise UnreadableVideo("empty file")
     with av.open(io.BytesIO(data)) as container:
         if not container.streams.video:
-            raise _Unreadable("no video stream")
+            raise UnreadableVideo("no video stream")
         stream = container.streams.video[0]
         codec = stream.codec_context.name
         height, width = int(stream.codec_context.height), int(stream.codec_context.width)
@@ -114,9 +74,9 @@ def probe_video(data: bytes) -> VideoProbe:
             if duration is None and first is not None and n >= 2 and last > first:
                 duration = (last - first) * n / (n - 1)  # the span plus one mean frame interval
     if total <= 0:
-        raise _Unreadable("zero frames")
+        raise UnreadableVideo("zero frames")
     if height <= 0 or width <= 0:
-        raise _Unreadable(f"bad frame size {width}x{height}")
+        raise UnreadableVideo(f"bad frame size {width}x{height}")
     return VideoProbe(num_frames=total, height=height, width=width, duration_s=duration, codec=codec)
 
 
@@ -141,15 +101,35 @@ class _Sample:
 
 
 class DaliVideoLoader:
-    """Batches of DALI-decoded training clips; see the module docstring.
+    """Batches of DALI-decoded training clips in place of the PyAV ``DataLoader``.
 
-    ``entries``: the dataset's videos (``sampler`` indexes into them). ``num_frames``,
-    ``size``, ``scales``: the TSN clip and MultiScaleCrop settings; each entry's ``flip``
-    allows or forbids mirroring. ``mean`` / ``std``: per channel, in 0-1 units.
-    ``device``: "gpu" (NVDEC decoding on cuda:``device_id``) or "cpu" (DALI's CPU decoder:
-    VP8 / VP9 / MJPEG only). ``dtype``: the output dtype (float32, float16 or bfloat16).
-    ``num_threads``: DALI's worker threads. ``prefetch``: batches prepared ahead.
-    ``min_frames``: fewer frames (in the segment) make a bad sample (``data.min_frames``).
+    It iterates ``sampler`` (a ``ShardedBatchSampler``: sharding, epoch order and resume
+    position come from there) and yields what ``collate_skip_bad`` yields, ``video``
+    ``(B, C, T, size, size)`` in ``dtype`` on cuda:``device_id`` ("gpu") or the CPU ("cpu"),
+    None when no sample of the batch could be read.
+
+    Per sample, Python threads read the file, probe it (``probe_video``, cached per index)
+    and draw ``clip_plan.plan_train_clip`` from ``default_rng(sample_seed)``: the PyAV path's
+    frames, crop and flip, and its segment and ``min_frames`` rules. DALI then decodes just
+    those frames, crops and resizes them in one bilinear step (pixel ROI, no antialias),
+    mirrors, normalises (layout CFHW) and the result is copied device to device.
+
+    Bad input never stops the run and is never retried in a loop: a sample the probe
+    rejects (missing, empty, not a video, no frames, a codec the decoder cannot take) is
+    dropped before DALI, warned about on the ``"ivfast.data"`` logger and counted in
+    ``num_bad``. When DALI fails on a batch the pipeline is rebuilt and the batch's samples
+    are decoded one at a time, once each; those that fail again are warned about and
+    counted. Unlike the PyAV path, a header that claims more frames than decode makes a
+    bad sample here.
+
+    ``entries``: the dataset's videos (``sampler`` indexes into them); each entry's ``flip``
+    allows or forbids mirroring. ``mean`` / ``std``: per channel, in 0-1 units. ``device``:
+    "gpu" or "cpu" (VP8 / VP9 / MJPEG only). ``dtype``: float32, float16 or bfloat16.
+    ``num_threads``: DALI's and the file readers' threads. ``prefetch``: batches prepared
+    ahead on a background thread (0: in the caller's thread). ``min_frames``: fewer frames
+    (in the segment) make a bad sample. Each ``iter(loader)`` starts an epoch at the
+    sampler's position and stops the previous epoch's thread; an abandoned epoch stops its
+    thread when closed, garbage collected, or at interpreter exit.
     """
 
     def __init__(
@@ -230,7 +210,7 @@ class DaliVideoLoader:
     # ---- one batch --------------------------------------------------------------------
 
     def load_batch(self, keys) -> dict:
-        """The batch for sampler keys ``[(index, sample_seed), ...]`` (see the module docstring)."""
+        """The batch for sampler keys ``[(index, sample_seed), ...]`` (see the class docstring)."""
         keys = [(int(i), int(s)) for i, s in keys]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="ivfast-dali-read")
@@ -274,25 +254,25 @@ class DaliVideoLoader:
         try:
             return self._prepare(index, seed, self.entries[index]), ""
         except Exception as e:  # noqa: BLE001 - one bad sample is reported, never raised
-            return None, str(e) if isinstance(e, _Unreadable) else f"{type(e).__name__}: {e}"
+            return None, failure_reason(e)
 
     def _prepare(self, index: int, seed: int, entry: VideoEntry) -> _Sample:
         try:
             data = np.fromfile(entry.path, dtype=np.uint8)
         except FileNotFoundError:
-            raise _Unreadable("file not found") from None
+            raise UnreadableVideo("file not found") from None
         if data.size == 0:
-            raise _Unreadable("empty file")
+            raise UnreadableVideo("empty file")
         probe = self._probes.get(index)
         if probe is None:
             probe = probe_video(data.tobytes())
             if probe.codec not in self.codecs:
                 which = "DALI's CPU decoder (VP8, VP9, MJPEG only)" if self.device == "cpu" else "DALI's GPU decoder"
-                raise _Unreadable(f"codec {probe.codec} is not supported by {which}")
+                raise UnreadableVideo(f"codec {probe.codec} is not supported by {which}")
             self._probes[index] = probe
         first, count = segment_frames(entry, probe.num_frames, probe.duration_s)
         if count < self.min_frames:
-            raise _Unreadable(f"too short: {count} frames, fewer than data.min_frames = {self.min_frames}")
+            raise UnreadableVideo(f"too short: {count} frames, fewer than data.min_frames = {self.min_frames}")
         plan = plan_train_clip(count, probe.height, probe.width, self.num_frames, self.size, self.scales,
                                entry.flip, np.random.default_rng(seed), first_frame=first)
         return _Sample(index=index, label=int(entry.label), path=entry.path, data=data, plan=plan)

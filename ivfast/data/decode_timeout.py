@@ -1,19 +1,4 @@
-"""A time limit on decoding one sample, so that a video that hangs the decoder becomes a bad video.
-
-``time_limit(seconds)`` is a context manager yielding a :class:`Deadline`. Three guards
-share it:
-
-* on the main thread of a process (a DataLoader worker process, ``ivfast-data`` worker
-  processes, or the training process itself with ``num_workers: 0``) a ``SIGALRM`` timer
-  raises :class:`DecodeTimeout` when the time is up; Python runs the handler between
-  bytecodes, so it interrupts Python-level work but not one long call inside FFmpeg;
-* the decode loops call ``Deadline.check()`` once per frame (any thread);
-* the caller passes ``Deadline.seconds`` to ``av.open(..., timeout=...)``, whose FFmpeg
-  interrupt callback stops a read that blocks (a stalled network file system).
-
-Off the main thread (and where ``SIGALRM`` does not exist, or another ``ITIMER_REAL`` timer
-is running) only the last two apply. ``seconds <= 0`` means no limit.
-"""
+"""A time limit on decoding one sample, so that a video that hangs the decoder is a bad video."""
 from __future__ import annotations
 
 import signal
@@ -49,7 +34,16 @@ def _can_alarm() -> bool:
 
 @contextmanager
 def time_limit(seconds: float) -> Iterator[Deadline]:
-    """Limit the body to ``seconds`` (see the module docstring); raises :class:`DecodeTimeout`."""
+    """Limit the body to ``seconds`` (``<= 0``: no limit); raises :class:`DecodeTimeout`.
+
+    Three guards share the yielded :class:`Deadline`: on the main thread of a process, a
+    ``SIGALRM`` timer (Python runs the handler between bytecodes, so it stops Python-level
+    work but not one long call inside FFmpeg); the decode loops' ``Deadline.check()`` once
+    per frame (any thread); and ``Deadline.seconds`` passed to ``av.open(..., timeout=...)``,
+    whose FFmpeg interrupt callback stops a read that blocks (a stalled network file
+    system). Off the main thread, where ``SIGALRM`` does not exist, or while another
+    ``ITIMER_REAL`` timer runs, only the last two apply.
+    """
     deadline = Deadline(seconds)
     if deadline.end is None or not _can_alarm():
         yield deadline

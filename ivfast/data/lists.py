@@ -1,35 +1,4 @@
-"""Dataset list files: which videos a run reads, with their labels and per-video options.
-
-Three formats, one video per line (``read_list(path, root, fmt)``; ``fmt="auto"`` picks
-``csv`` for a ``.csv`` file, else ``release`` when the first line has 6 fields and
-``plain`` when it has 1 or 2):
-
-* ``release``: the InternVideo-Next release's annotation lines, space separated::
-
-      source path total_time start end label
-      k710 k400/abseiling/x.mp4 10.0 -1 -1 0
-      ssv2 ssv2/12345.webm 3.2 -1 -1 87
-      anet anet/v_abc.mp4 120.5 30.0 45.5 12
-
-  ``source`` names the dataset; ``ssv2`` (Something-Something V2, whose labels depend on
-  left/right) turns horizontal flipping off for that video. ``total_time`` is the video's
-  length in seconds and ``start`` / ``end`` a segment of it in seconds; ``-1`` means
-  unknown. The release (``datasets/mae_multi.py``) uses the segment only when all three
-  are known: with ``n`` decoded frames, ``fps = n / total_time``, the clip is sampled
-  from the ``int(fps * (end - start))`` frames starting at frame ``int(fps * start)``.
-  ivfast does the same (``segment_frames``), and also honours a segment whose
-  ``total_time`` is ``-1`` by taking the length from the file; a missing ``start`` is 0
-  and a missing ``end`` the end of the video.
-* ``plain``: ``path [label]`` (no label: 0).
-* ``csv``: a header row, then one row per video. Columns (case-insensitive): ``path``
-  (required), ``label``, ``source``, ``flip`` (true/false/1/0), ``start``, ``end``,
-  ``total_time`` (same meanings as above; an empty cell is the default). Other columns
-  are ignored.
-
-In ``release`` and ``plain`` lists blank lines and lines starting with ``#`` are skipped and
-paths cannot contain whitespace. A relative path is joined to ``root``. A malformed line
-raises ``ValueError`` naming ``file:line``.
-"""
+"""Dataset list files: which videos a run reads, with their labels and per-video options."""
 from __future__ import annotations
 
 import csv
@@ -92,12 +61,28 @@ class ListFile:
 
 
 def read_list(path: str, root: str = "", fmt: str = "auto") -> list[VideoEntry]:
-    """The videos of a list file; see the module docstring for the formats."""
+    """The videos of a list file (formats: ``parse_list``)."""
     return parse_list(path, root, fmt).entries
 
 
 def parse_list(path: str, root: str = "", fmt: str = "auto") -> ListFile:
-    """``read_list`` that keeps each line's fields (to write the list again, changed)."""
+    """A list file with each line's fields kept (to write the list again, changed).
+
+    One video per line; ``fmt="auto"`` is ``detect_format``. A relative path is joined to
+    ``root``; a malformed line raises ``ValueError`` naming ``file:line``.
+
+    * ``release`` (the upstream annotation lines): ``source path total_time start end
+      label``. Source ``ssv2`` (labels that depend on left/right) forbids flipping that
+      video. Times are seconds, ``-1`` unknown; ``start`` / ``end`` pick a segment
+      (``segment_frames``).
+    * ``plain``: ``path [label]`` (no label: 0).
+    * ``csv``: a header row naming the columns (case-insensitive): ``path`` (required),
+      ``label``, ``source``, ``flip`` (true/false/1/0), ``start``, ``end``, ``total_time``,
+      as above (an empty cell is the default); other columns are ignored.
+
+    In ``release`` and ``plain`` lists blank lines and ``#`` lines are skipped and paths
+    cannot contain whitespace.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"unknown list format {fmt!r}: must be one of {', '.join(FORMATS)}")
     if not os.path.isfile(path):
@@ -123,7 +108,8 @@ def parse_list(path: str, root: str = "", fmt: str = "auto") -> ListFile:
 
 
 def detect_format(path: str) -> str:
-    """``csv`` for a ``.csv`` file; else from the field count of the first line."""
+    """``csv`` for a ``.csv`` file or a first line that is a CSV header naming ``path``; else
+    ``release`` for 6 fields on the first line and ``plain`` for 1 or 2."""
     if path.lower().endswith(".csv"):
         return "csv"
     with open(path, "r", encoding="utf-8") as f:
@@ -261,13 +247,13 @@ def format_list(lst: ListFile, lines: list[list[str]]) -> str:
 def segment_frames(entry: VideoEntry, num_total: int, duration_s: float | None = None) -> tuple[int, int]:
     """The frames a clip of ``entry`` is sampled from: ``(first_frame, count)``.
 
-    Without a segment: ``(0, num_total)``. With one (``start_s`` and/or ``end_s``), the
-    release's rule: ``fps = num_total / total`` with ``total = entry.total_s`` (else
-    ``duration_s``, the length the file states), ``first = int(fps * start)``, ``count =
-    int(fps * (end - start))`` (start 0 / end ``total`` when not given), clipped to the
-    frames that exist. Frames are counted in decode order, so the mapping uses the mean
-    frame rate (exact for constant-rate video). Raises ``ValueError`` when the segment
-    holds no frame or the length is unknown.
+    Without a segment: ``(0, num_total)``. With one (``start_s`` and/or ``end_s``):
+    ``fps = num_total / total`` with ``total = entry.total_s`` (else ``duration_s``, the
+    length the file states), ``first = int(fps * start)``, ``count = int(fps * (end -
+    start))`` (start 0 / end ``total`` when not given), clipped to the frames that exist.
+    Frames are counted in decode order, so the mapping uses the mean frame rate (exact for
+    constant-rate video). Raises ``ValueError`` when the segment holds no frame or the
+    length is unknown.
     """
     if entry.start_s is None and entry.end_s is None:
         return 0, int(num_total)

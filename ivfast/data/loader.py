@@ -1,16 +1,4 @@
-"""The resumable, rank-sharded batch order and the DataLoader around the datasets.
-
-Every epoch is a permutation of the dataset seeded by (seed, epoch). Global batch g of an
-epoch is the slice [g * B * world, (g + 1) * B * world) of it; rank r takes its r-th
-contiguous part of B samples. A batch is therefore the same set of samples, with the same
-per-sample augmentation seeds, whatever the number of ranks, and a run resumed at
-(epoch, batch) continues exactly where it stopped. Datasets receive keys
-``(index, sample_seed)``.
-
-``data.backend`` picks what produces the batches (``resolve_backend``): generated clips,
-PyAV in DataLoader worker processes, or NVIDIA DALI on the GPU; all three take their
-samples, seeds and augmentation from the same sampler.
-"""
+"""The rank-sharded, resumable batch order, and the loader that serves it from the configured backend."""
 from __future__ import annotations
 
 import logging
@@ -19,14 +7,23 @@ from dataclasses import replace
 import numpy as np
 from torch.utils.data import DataLoader, Sampler
 
-from ivfast.config import Config
 from ivfast.data.collate import collate_skip_bad
-from ivfast.models.sample_rng import _mix
+from ivfast.data.config import DataConfig
+from ivfast.rng import mix64
 
 logger = logging.getLogger("ivfast.data")
 
 
 class ShardedBatchSampler(Sampler):
+    """Batches of dataset keys ``(index, sample_seed)`` for one rank.
+
+    Epoch e is the permutation of the dataset seeded by (seed, e). Global batch g of it is
+    the slice [g * B * world, (g + 1) * B * world), and rank r takes its r-th contiguous
+    part of B samples; the sample seed is ``mix64(seed, e, index)``. So a global batch is
+    the same samples with the same augmentation seeds whatever the number of ranks, and a
+    run resumed at (epoch, batch) continues exactly where it stopped.
+    """
+
     def __init__(self, num_samples: int, batch_size: int, rank: int, world: int, seed: int):
         if num_samples < batch_size * world:
             raise ValueError(
@@ -55,15 +52,15 @@ class ShardedBatchSampler(Sampler):
         for g in range(self.start_batch, len(self)):
             lo = g * self.global_batch + self.rank * self.batch_size
             idx = order[lo: lo + self.batch_size]
-            yield [(int(i), _mix(self.seed, self.epoch, int(i))) for i in idx]
+            yield [(int(i), mix64(self.seed, self.epoch, int(i))) for i in idx]
 
 
-def resolve_backend(d) -> str:
-    """The backend that ``data`` (a ``DataConfig``) runs: ``synthetic``, ``pyav`` or ``dali``.
+def resolve_backend(d: DataConfig) -> str:
+    """The backend ``d`` runs: ``synthetic``, ``pyav`` or ``dali``.
 
-    ``auto``: generated clips for ``data.source: synthetic``; for a list, DALI when a GPU is
-    present and ``nvidia.dali`` imports, else PyAV. (``load_config`` has already rejected a
-    backend that contradicts ``data.source``.)
+    ``auto``: generated clips for ``source: synthetic``; for a list, DALI when a GPU is
+    present and ``nvidia.dali`` imports, else PyAV. (The run config rejects a backend that
+    contradicts ``source``.)
     """
     if d.backend != "auto":
         return d.backend
@@ -84,15 +81,14 @@ def _dali_usable() -> bool:
     return True
 
 
-def build_dataset(cfg: Config):
-    """The run's dataset: ``SyntheticClips``, or a ``VideoListDataset`` over the list's entries
-    (which the DALI backend reads from too: ``build_loader`` takes them from it).
+def build_dataset(d: DataConfig):
+    """``SyntheticClips``, or a ``VideoListDataset`` over the list's entries (the DALI backend
+    reads them from it too).
 
-    With ``data.check_files`` the list's files are checked for existence first and one
-    summary line is logged; missing files stay in the list (each is a bad sample, counted),
-    but a list with no existing file is an error.
+    With ``d.check_files`` the files are checked for existence and one summary line is
+    logged; missing files stay in the list (each is a bad sample, counted when met), but a
+    list with no existing file is an error.
     """
-    d = cfg.data
     backend = resolve_backend(d)
     if backend == "synthetic":
         from ivfast.data.synthetic import SyntheticClips
@@ -114,16 +110,16 @@ def build_dataset(cfg: Config):
                             flip=d.flip, train=True, decode_timeout_s=d.decode_timeout_s, min_frames=d.min_frames)
 
 
-def build_loader(cfg: Config, dataset, rank: int, world: int, pin_memory: bool, dtype=None):
-    """``(loader, sampler)``: an iterable of batches (``collate_skip_bad``'s dict) and its sampler.
+def build_loader(d: DataConfig, dataset, *, rank: int, world: int, seed: int, pin_memory: bool, dtype=None):
+    """``(loader, sampler)``: the batches (``collate_skip_bad``'s dict) of ``dataset`` for this rank.
 
-    PyAV and synthetic: a DataLoader with ``data.num_workers`` persistent worker processes
-    (each opens its own decoders), ``pin_memory``, 4 batches prefetched per worker. DALI:
-    ``DaliVideoLoader`` over the dataset's entries, same sampler and augmentation, the
-    video already on this rank's GPU in ``dtype`` (the training dtype; float32 when None).
+    ``seed`` is the run seed (epoch order and sample seeds). PyAV and synthetic: a
+    DataLoader with ``d.num_workers`` persistent worker processes (each opens its own
+    decoders), 4 batches prefetched per worker. DALI: ``DaliVideoLoader`` over the
+    dataset's entries with the same sampler and augmentation draws, the video already on
+    this rank's GPU in ``dtype`` (the training dtype; float32 when None).
     """
-    sampler = ShardedBatchSampler(len(dataset), cfg.data.batch_size, rank, world, cfg.train.seed)
-    d = cfg.data
+    sampler = ShardedBatchSampler(len(dataset), d.batch_size, rank, world, seed)
     if resolve_backend(d) == "dali":
         import torch
 

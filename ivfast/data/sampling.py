@@ -1,10 +1,5 @@
-"""Sparse TSN frame sampling.
-
-A clip of ``num_segments`` frames is taken from a video of ``num_total`` frames by cutting
-``[0, num_total)`` into ``num_segments`` equal (real-valued) segments and taking one frame
-from each: a uniformly random frame of the segment when training, the segment's middle
-frame when evaluating.
-"""
+"""Sparse TSN frame sampling: one frame from each of ``num_segments`` equal segments of the video
+(uniformly random when training, the middle one when evaluating)."""
 from __future__ import annotations
 
 import numpy as np

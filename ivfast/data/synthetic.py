@@ -1,30 +1,4 @@
-"""Generated video clips: the built-in default data set, no files needed.
-
-Each clip shows one or two textured shapes moving over a drifting textured background.
-The objects move with constant velocities and bounce off the frame borders, so
-consecutive frames are coherent, and the label is a function of what the clip shows:
-
-    label c  ->  shape   = c % 2          (0 disc, 1 square)
-                 axis    = (c // 2) % 2    (0 mostly horizontal, 1 mostly vertical motion)
-                 speed   = (c // 4) % 2    (0 slow, 1 fast)
-                 texture = (c // 8) % 3    (0 stripes, 1 checkerboard, 2 gradient)
-
-(all objects of a clip share these attributes; colours, sizes, positions, directions,
-texture scales and the background are free). An attribute that the class count does not
-reach (``num_classes <= 2`` for the axis, ``<= 4`` for the speed, ``<= 8`` for the
-texture) is drawn at random instead, so up to 24 classes are available. Every attribute is
-invariant under a horizontal flip, so the flip augmentation never changes the label.
-
-Determinism: the content of clip ``i`` depends only on ``(content_seed, i)`` (the same
-clip every epoch, on every rank); the per-sample ``seed`` of the key only drives the
-augmentation (a horizontal flip with probability 0.5). Clip ``i`` has label
-``i % num_classes`` so classes are balanced.
-
-Rendering is vectorised torch on the CPU: the background is separable (a few (T, 1, W) and
-(1, H, 1) pieces broadcast once), each object is drawn in a per-frame window around it with
-one gather / scatter, and colours are normalised before compositing (compositing is
-convex, so the output comes out normalised at no extra cost).
-"""
+"""Generated clips of moving textured shapes: the default data set, no files needed."""
 from __future__ import annotations
 
 import math
@@ -34,18 +8,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ivfast.data.collate import sample_key
 from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 _RADICES = (2, 2, 2, 3)  # shape, axis, speed, texture
 MAX_CLASSES = int(np.prod(_RADICES))
-
-
-def _key(key) -> tuple[int, int]:
-    if isinstance(key, (tuple, list)):
-        if len(key) != 2:
-            raise TypeError(f"dataset key must be (index, seed), got {key!r}")
-        return int(key[0]), int(key[1])
-    return int(key), 0
 
 
 def _bounce(p0: np.ndarray, v: np.ndarray, t: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -56,7 +23,21 @@ def _bounce(p0: np.ndarray, v: np.ndarray, t: np.ndarray, lo: np.ndarray, hi: np
 
 
 class SyntheticClips(Dataset):
-    """Generated clips of moving textured shapes; see the module docstring.
+    """Generated clips of one or two textured shapes moving over a drifting textured background.
+
+    Objects move at constant velocity and bounce off the borders, so consecutive frames are
+    coherent. Clip ``i`` has label ``c = i % num_classes`` (balanced classes), and the label
+    fixes what the clip shows (every object of a clip shares it)::
+
+        shape   = c % 2          (0 disc, 1 square)
+        axis    = (c // 2) % 2   (0 mostly horizontal, 1 mostly vertical motion)
+        speed   = (c // 4) % 2   (0 slow, 1 fast)
+        texture = (c // 8) % 3   (0 stripes, 1 checkerboard, 2 gradient)
+
+    An attribute the class count does not reach is drawn at random instead (hence at most
+    24 classes). Every attribute is invariant under a horizontal flip, so the flip never
+    changes the label. The content of clip ``i`` depends only on ``(content_seed, i)``; the
+    key's sample seed only drives the flip (probability 0.5).
 
     ``__getitem__((index, seed))`` returns ``{"video": float32 (3, T, size, size)
     normalised with mean/std, "label": int, "index": int}``. A plain int key means seed 0.
@@ -196,7 +177,11 @@ class SyntheticClips(Dataset):
         img[:, tt, yy, xx] = region
 
     def render(self, index: int) -> torch.Tensor:
-        """The un-augmented clip ``index``: normalised float32 (3, T, size, size)."""
+        """The un-augmented clip ``index``: normalised float32 (3, T, size, size).
+
+        Colours are normalised before compositing: alpha compositing is convex, so the
+        composite comes out normalised at no extra cost.
+        """
         if not 0 <= index < self.num_clips:
             raise IndexError(f"SyntheticClips: index {index} out of range [0, {self.num_clips})")
         attrs = self.attributes(index)
@@ -207,7 +192,7 @@ class SyntheticClips(Dataset):
         return img
 
     def __getitem__(self, key):
-        index, seed = _key(key)
+        index, seed = sample_key(key)
         video = self.render(index)
         if self.flip and np.random.default_rng(seed).random() < 0.5:
             video = video.flip(-1)

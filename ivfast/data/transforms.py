@@ -1,12 +1,5 @@
-"""Clip augmentation on uint8 frames: TSN multi-scale crop, flip, resize, normalise.
-
-Frames come in as ``(T, H, W, C)`` uint8 (a torch tensor or a numpy array, C = 3) and
-leave as a float32 tensor ``(C, T, out_size, out_size)``, scaled to [0, 1] and normalised
-per channel with ``mean`` / ``std``. One crop and one flip decision are drawn per clip, so
-every frame of a clip gets the same geometry. Resizing runs on the uint8 frames (bilinear,
-no antialias; torch's uint8 kernel rounds to the nearest integer), which is fast on a CPU
-and leaves constant regions exactly constant.
-"""
+"""Clip augmentation on uint8 frames: TSN multi-scale crop, flip, resize, normalise. One crop and
+one flip decision per clip, so every frame of a clip gets the same geometry."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -90,7 +83,11 @@ def _as_uint8_thwc(frames) -> torch.Tensor:
 
 
 def _resize_tchw(x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
-    """Bilinear resize of a uint8 (T, C, H, W) tensor (any memory layout)."""
+    """Bilinear resize of a uint8 (T, C, H, W) tensor (any memory layout), no antialias.
+
+    Resizing the uint8 frames (torch's uint8 kernel rounds to the nearest integer) is fast on
+    a CPU and leaves constant regions exactly constant.
+    """
     if x.shape[-2] == out_h and x.shape[-1] == out_w:
         return x
     # A (T, H, W, C) tensor permuted to (T, C, H, W) is already channels_last, the layout
@@ -145,22 +142,19 @@ def eval_transform(
     out_size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-    short_side: int | None = None,
 ) -> torch.Tensor:
-    """Evaluation view: resize the short side to ``short_side`` (default ``out_size``)
-    keeping the aspect ratio, centre-crop ``out_size`` x ``out_size``, normalise.
+    """Evaluation view: resize the short side to ``out_size`` keeping the aspect ratio,
+    centre-crop ``out_size`` x ``out_size``, normalise.
 
     ``frames``: uint8 ``(T, H, W, C)``. Returns float32 ``(C, T, out_size, out_size)``.
     """
     x = _as_uint8_thwc(frames)
     t, h, w, _ = x.shape
-    short = int(short_side or out_size)
-    if short < out_size:
-        raise ValueError(f"eval_transform: short_side {short} is smaller than out_size {out_size}")
+    out_size = int(out_size)
     if h <= w:
-        new_h, new_w = short, max(short, int(round(w * short / h)))
+        new_h, new_w = out_size, max(out_size, int(round(w * out_size / h)))
     else:
-        new_h, new_w = max(short, int(round(h * short / w))), short
+        new_h, new_w = max(out_size, int(round(h * out_size / w))), out_size
     x = _resize_tchw(x.permute(0, 3, 1, 2), new_h, new_w)
     y0 = (new_h - out_size) // 2
     x0 = (new_w - out_size) // 2

@@ -1,26 +1,4 @@
-"""Videos named in a dataset list, decoded with PyAV, sampled with TSN segments.
-
-The list formats (the release's annotation lines, ``path [label]``, CSV) are read by
-:mod:`ivfast.data.lists`; ``VideoListDataset`` takes a list file or a list of
-:class:`~ivfast.data.lists.VideoEntry`. Per video it honours ``flip`` (False for SSv2:
-no mirroring, and no flip draw) and the ``start_s`` / ``end_s`` segment (see
-``lists.segment_frames``).
-
-Frames are numbered in decode order (the order the decoder returns them, which is
-presentation order): timestamps are not used to pick frames, so a stream whose first
-timestamp is not zero, or whose frame rate varies, is sampled like any other (a segment
-in seconds maps to frames through the mean frame rate). ``ivfast-data check`` reports such
-files and ``ivfast-data prepare`` rewrites them at a constant rate.
-
-``VideoListDataset.__getitem__((index, seed))`` opens the video inside the call (safe in
-DataLoader workers: nothing decoded or opened is kept on the dataset), so every worker has
-its own decoder. An unreadable sample (missing or empty file, not a video, no video
-stream, zero frames, fewer frames than ``min_frames``, a decoding error, decoding longer
-than ``decode_timeout_s``: see :mod:`ivfast.data.decode_timeout`) logs one warning on the
-``"ivfast.data"`` logger naming the file and the reason and returns ``None``; the dataset
-never retries and never substitutes another index. An ``index`` out of range is a caller
-bug and raises ``IndexError``.
-"""
+"""Clips from the videos of a dataset list, decoded with PyAV in the calling process."""
 from __future__ import annotations
 
 import logging
@@ -30,6 +8,7 @@ from typing import Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
+from ivfast.data.collate import sample_key
 from ivfast.data.decode_timeout import Deadline, time_limit
 from ivfast.data.lists import VideoEntry, read_list, segment_frames
 from ivfast.data.sampling import tsn_indices
@@ -38,26 +17,27 @@ from ivfast.data.transforms import DEFAULT_SCALES, IMAGENET_MEAN, IMAGENET_STD, 
 logger = logging.getLogger("ivfast.data")
 
 
-def read_video_list(path: str, root: str = "") -> list[tuple[str, int]]:
-    """A ``path [label]`` list as ``[(video_path, label), ...]`` (``lists.read_list`` reads every format)."""
-    return [(e.path, e.label) for e in read_list(path, root, fmt="plain")]
-
-
-class _Unreadable(Exception):
+class UnreadableVideo(Exception):
     """A video that cannot give a clip; the message is the reason logged."""
 
 
-def _open(path: str, timeout_s: float = 0.0):
+def failure_reason(e: BaseException) -> str:
+    """The one-line reason logged for a sample that failed with ``e``."""
+    return str(e) if isinstance(e, UnreadableVideo) else f"{type(e).__name__}: {e}"
+
+
+def open_video(path: str, timeout_s: float = 0.0):
+    """An open PyAV container with a video stream; ``timeout_s > 0`` bounds each blocking read."""
     import av  # imported lazily: the synthetic data path needs no PyAV
 
     if not os.path.exists(path):
-        raise _Unreadable("file not found")
+        raise UnreadableVideo("file not found")
     if os.path.getsize(path) == 0:
-        raise _Unreadable("empty file")
+        raise UnreadableVideo("empty file")
     container = av.open(path, timeout=timeout_s if timeout_s > 0 else None)
     if not container.streams.video:
         container.close()
-        raise _Unreadable("no video stream")
+        raise UnreadableVideo("no video stream")
     # Single-threaded decoding: the parallelism comes from DataLoader workers, and a codec
     # context with FFmpeg slice/frame threads that is still alive (e.g. in an uncollected
     # reference cycle) when a worker is forked deadlocks the worker when it frees it.
@@ -81,7 +61,7 @@ def _count_frames(path: str, deadline: Deadline | None = None) -> tuple[int, flo
     does not include a non-zero start time), or None when there are fewer than 2 timed frames.
     """
     n, first, last = 0, None, None
-    with _open(path, deadline.seconds if deadline else 0.0) as container:
+    with open_video(path, deadline.seconds if deadline else 0.0) as container:
         for frame in container.decode(container.streams.video[0]):
             n += 1
             t = frame.time
@@ -104,7 +84,7 @@ def _decode_at(path: str, indices: np.ndarray, deadline: Deadline | None = None)
     wanted = set(int(i) for i in indices)
     got: dict[int, np.ndarray] = {}
     n = 0
-    with _open(path, deadline.seconds if deadline else 0.0) as container:
+    with open_video(path, deadline.seconds if deadline else 0.0) as container:
         for frame in container.decode(container.streams.video[0]):
             if n in wanted:
                 got[n] = frame.to_ndarray(format="rgb24")
@@ -127,7 +107,7 @@ def _clip_indices(entry: VideoEntry | None, total: int, duration: float | None, 
                   rng: np.random.Generator | None, min_frames: int) -> np.ndarray:
     first, count = (0, total) if entry is None else segment_frames(entry, total, duration)
     if count < min_frames:
-        raise _Unreadable(f"too short: {count} frames, fewer than data.min_frames = {min_frames}")
+        raise UnreadableVideo(f"too short: {count} frames, fewer than data.min_frames = {min_frames}")
     return first + tsn_indices(count, num_frames, rng)
 
 
@@ -135,17 +115,18 @@ def load_clip(path: str, num_frames: int, rng: np.random.Generator | None, seed:
               entry: VideoEntry | None = None, min_frames: int = 1, timeout_s: float = 0.0) -> np.ndarray:
     """TSN-sampled RGB uint8 frames ``(num_frames, H, W, 3)`` of one video.
 
-    The frame count comes from the stream header, or from a decoding pass when the header
-    has none. ``entry`` (optional) supplies a ``start_s`` / ``end_s`` segment to sample
-    from. If the header overstates the count (decoding ends before the last sampled frame,
-    e.g. a truncated Matroska file), the indices are drawn again on the true count (with a
-    fresh ``default_rng(seed)`` when training) and decoded once more: at most two passes.
+    Frames are numbered in decode order (timestamps pick nothing), so a stream that starts
+    after time 0 or has a variable frame rate is sampled like any other. The frame count
+    comes from the stream header, else from a decoding pass. ``entry`` (optional) supplies
+    a ``start_s`` / ``end_s`` segment (``lists.segment_frames``). If the header overstates
+    the count, the indices are drawn again on the true count (from a fresh
+    ``default_rng(seed)`` when training) and decoded once more: at most two passes.
     ``timeout_s > 0`` bounds the whole call (``decode_timeout.time_limit``). Raises
-    ``_Unreadable``, ``DecodeTimeout``, ``ValueError`` (an empty segment) or a PyAV / OS
-    error on failure.
+    ``UnreadableVideo``, ``DecodeTimeout``, ``ValueError`` (an empty segment) or a PyAV / OS
+    error.
     """
     with time_limit(timeout_s) as deadline:
-        with _open(path, timeout_s) as container:
+        with open_video(path, timeout_s) as container:
             total = int(container.streams.video[0].frames or 0)
             duration = _stream_duration_s(container) if _needs_length(entry) else None
         counted = total <= 0
@@ -154,36 +135,43 @@ def load_clip(path: str, num_frames: int, rng: np.random.Generator | None, seed:
             total = n_counted if counted else total
             duration = duration if duration is not None else span
         if total <= 0:
-            raise _Unreadable("zero frames")
+            raise UnreadableVideo("zero frames")
         indices = _clip_indices(entry, total, duration, num_frames, rng, min_frames)
         frames, n = _decode_at(path, indices, deadline)
         if frames is not None:
             return frames
         if n <= 0:
-            raise _Unreadable("zero decodable frames")
+            raise UnreadableVideo("zero decodable frames")
         if counted:  # the count came from decoding; a shorter second decode is not a clean video
-            raise _Unreadable(f"decoding is not repeatable ({total} frames counted, then {n})")
+            raise UnreadableVideo(f"decoding is not repeatable ({total} frames counted, then {n})")
         logger.info("%s: the header says %d frames but only %d decode; sampling from %d", path, total, n, n)
         if rng is not None:
             rng = np.random.default_rng(seed)
         indices = _clip_indices(entry, n, duration, num_frames, rng, min_frames)
         frames, n2 = _decode_at(path, indices, deadline)
         if frames is None:
-            raise _Unreadable(f"decoding is not repeatable ({n} frames, then {n2})")
+            raise UnreadableVideo(f"decoding is not repeatable ({n} frames, then {n2})")
         return frames
 
 
 class VideoListDataset(Dataset):
-    """Clips from the videos of a dataset list; see the module docstring.
+    """Clips from the videos of a dataset list, keyed ``(index, sample_seed)``.
 
-    ``videos``: a list file (any format of :mod:`ivfast.data.lists`, ``list_format``
-    "auto" detects it; relative paths join ``root``) or a sequence of ``VideoEntry``
-    (paths used as they are). ``__getitem__((index, seed))`` -> ``{"video": float32 (3,
-    num_frames, size, size), "label": int, "index": int}`` or ``None``. With ``train=True``
-    the frames are a random TSN draw and go through ``train_transform`` (multi-scale crop,
-    flip when both ``flip`` and the entry's ``flip`` allow it); all randomness comes from
-    ``numpy.random.default_rng(seed)``. With ``train=False`` the segment middles go through
-    ``eval_transform`` and the seed is unused. A plain int key means seed 0.
+    ``videos``: a list file (any format of :mod:`ivfast.data.lists`; relative paths join
+    ``root``) or a sequence of ``VideoEntry`` (paths used as they are).
+    ``__getitem__((index, seed))`` -> ``{"video": float32 (3, num_frames, size, size),
+    "label": int, "index": int}`` or ``None``. With ``train=True`` the frames are a random
+    TSN draw through ``train_transform`` (flip only when both ``flip`` and the entry's
+    ``flip`` allow it), every draw from ``numpy.random.default_rng(seed)``; with
+    ``train=False`` the segment middles go through ``eval_transform`` and the seed is
+    unused. A plain int key means seed 0.
+
+    The video is opened inside the call and nothing decoded is kept, so each DataLoader
+    worker has its own decoder. A sample that cannot be read (missing, empty, not a video,
+    no frames, fewer than ``min_frames`` frames, a decoding error, decoding longer than
+    ``decode_timeout_s``) logs one warning on the ``"ivfast.data"`` logger naming the file
+    and the reason and returns ``None``: never retried, never replaced by another index.
+    An ``index`` out of range is a caller bug and raises ``IndexError``.
     """
 
     def __init__(
@@ -222,12 +210,7 @@ class VideoListDataset(Dataset):
         return len(self.entries)
 
     def __getitem__(self, key):
-        if isinstance(key, (tuple, list)):
-            if len(key) != 2:
-                raise TypeError(f"dataset key must be (index, seed), got {key!r}")
-            index, seed = int(key[0]), int(key[1])
-        else:
-            index, seed = int(key), 0
+        index, seed = sample_key(key)
         if not 0 <= index < len(self.entries):
             raise IndexError(f"VideoListDataset: index {index} out of range [0, {len(self.entries)})")
         entry = self.entries[index]
@@ -241,7 +224,6 @@ class VideoListDataset(Dataset):
             else:
                 video = eval_transform(frames, self.size, mean=self.mean, std=self.std)
         except Exception as e:  # noqa: BLE001 - any failure of one sample is reported, not raised
-            reason = str(e) if isinstance(e, _Unreadable) else f"{type(e).__name__}: {e}"
-            logger.warning("cannot read video %s: %s", entry.path, reason)
+            logger.warning("cannot read video %s: %s", entry.path, failure_reason(e))
             return None
         return {"video": video, "label": entry.label, "index": index}

@@ -1,2 +1,2 @@
-"""GPU memory: exact parameter counts, an analytic model per component, saved-tensor
-measurement on the CPU, a per-phase peak tracker for training, and the ``ivfast-memory`` report."""
+"""GPU memory of a training step: exact parameter counts, an analytic model per component,
+saved-tensor measurement on the CPU and the ``ivfast-memory`` report."""

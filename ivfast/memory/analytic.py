@@ -1,72 +1,62 @@
-"""Analytic GPU memory of one Stage-1 training step, per component, for two ways of running.
+"""Analytic GPU memory of one Stage-1 training step, per component, for two ways of running it.
 
 Bytes are modelled, not measured: static memory from the exact parameter counts
-(:mod:`ivfast.memory.params`) and the DeepSpeed ZeRO layout; activations (what autograd
-saves for backward) from per-layer formulas that follow the modules in ``ivfast/models``
-op by op; transients from the largest working set of a phase. The formulas are checked on
-the CPU against :mod:`ivfast.memory.saved_tensors` (tests/test_memory_model.py).
-
-Two presets:
-
-- :func:`release_way`: how the authors' release runs the step (read from its
-  ``engine_for_stage1.py``, ``InternVideo_next_s1.py``, ``siglip_teacher.py``, ``utils.py``
-  and ``exp/base/pretrain/stage1.sh``): DeepSpeed bf16, ZeRO-1 with ``reduce_bucket_size``
-  5e8 (a bf16 gradient bucket of 1 GB), no activation checkpointing, no fused kernels (the
-  issue's definition), flash attention in the student (encoder flash-attn, predictor
-  ModernBERT FA2: O(N) saved), the teacher kept in fp32 (loaded by ``from_pretrained``
-  without a dtype) and run under bf16 autocast with eager attention (B*T*heads*L*L scores
-  in bf16 and their softmax in fp32); under autocast its residual stream, hence the six
-  returned layers, are fp32, and the engine keeps those full-token fp32 layers alive for
-  the whole step; the diffusion head runs under ``autocast(dtype=float32)``: fp32
-  activations (and fp32 copies of its weights); plain autograd MLPs.
-- :func:`ivfast_way`: ivfast's settings from the config: bf16 activations, flash-class
-  attention (O(N) saved) everywhere, the fused kernels of ``model.fused_kernels``, the
-  teacher in ``model.teacher.precision`` (auto: bf16), its outputs in that dtype, the
-  diffusion head in ``model.diffusion.precision`` (auto: bf16), activation checkpointing
-  per module from ``model.checkpointing``, diffusion tokens scaled by
-  ``model.diffusion.reconstruction_ratio``, the lean MLPs of ``model.lean_mlp`` (encoder:
-  fc1 input and output kept; predictor: each LayerNorm and the Linear after it keep the
-  norm's input and stats, not its output, and the GeGLU keeps Wi's output), the teacher layers
-  gathered at the visible tokens before the student runs, ZeRO's reduce bucket from
-  ``deepspeed.reduce_bucket_size`` (ivfast's default 5e7: 93 MiB); the predictor's attention
-  keeps its own copy of v instead of the whole Wqkv output; with ``model.diffusion.chunk_rows``
-  > 0 (not under ZeRO-3) the diffusion head's loss and backward run a chunk of rows at a time
-  in the forward, so its activations are the gradient w.r.t. z (rows x predictor width, bf16)
-  plus float32 gradients of the head's parameters, and one chunk's activations and backward
-  working set are a transient. ``model.lean_mlp`` also covers
-  the encoder's LayerScale inputs (kept in bf16), the alignment heads (LayerNorm + l2
-  normalise recomputed, the cosine loss keeping the bf16 target), the masked-token gather
-  (index only) and the diffusion loss's variational-bound term (recomputed in backward; in
-  a chunked head it is not).
-
-Assumptions (the same for both ways and every row; they are printed in the report):
-
-- peak = static + max(teacher phase, forward end / backward start, optimiser step);
-  forward end = activations + live teacher outputs + the largest transient of the
-  forward; a transient is one layer's working set (MLP hidden, attention scores, the
-  loss's temporaries), never two at once.
-- static = bf16 weights + gradients + fp32 master weights + two fp32 Adam moments, split
-  across ``world`` ranks as ZeRO does (stage 1: optimiser states; 2: + gradients; 3: +
-  weights), + the ZeRO gradient bucket (``reduce_bucket_size`` elements of bf16 for
-  stages 1-2 with contiguous gradients) + the frozen teacher weights. The optimiser step
-  adds an fp32 copy of the gradient partition.
-- the CUDA context and library workspaces are not seen by torch's allocator; the report
-  adds ``CUDA_CONTEXT_GIB`` to compare with a figure read from nvidia-smi. No
-  fragmentation factor is used (the release sets ``expandable_segments:True``).
-- the mask keeps ``L - int(L * ratio)`` tokens per frame; the diffusion head sees every
-  masked token (the release ignores ``reconstruction_ratio``).
+(:mod:`ivfast.memory.params`) and the DeepSpeed ZeRO layout; activations (what autograd saves
+for backward) from per-layer formulas that follow ``ivfast/models`` op by op; transients from
+the largest working set of a phase. The formulas are checked on the CPU against the bytes
+:mod:`ivfast.memory.saved_tensors` measures (tests/memory/test_memory_model.py).
+:data:`ASSUMPTIONS` says how the step and the two ways are modelled.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from ivfast.config import Config
+
+from ivfast.config import RELEASE_WAY, Config, with_overrides
 from ivfast.memory.params import ParamCounts, count_params
-from ivfast.models.chunked_loss import chunking_allowed
+from ivfast.ops.chunked_loss import chunking_allowed
+
+ASSUMPTIONS = """Two ways:
+
+- release's way: ivfast run with ``ivfast.config.RELEASE_WAY`` (no fused kernels, no lean saves, no
+  chunked diffusion loss, no activation checkpointing, an fp32 teacher with eager attention,
+  an fp32 diffusion head over every masked token, a 5e8 DeepSpeed gradient bucket), plus five
+  things of the release's code that ivfast has no switch for: every patch is embedded before
+  the mask drops 80% of them; the teacher's fp32 full-token layers live through the step (and
+  the fp32 visible-token targets gathered from them); the predictor's attention keeps the whole
+  Wqkv output; its diffusion head computes SiLU(y) in every block and its variational-bound
+  term saves 22 (rows, C) tensors, not 17. Flash attention
+  in the student (O(N) saved), the teacher under bf16 autocast with eager attention (its
+  scores in bf16, their softmax in fp32), ZeRO-1.
+- ivfast's way: the config as written: bf16 activations, flash-class attention, the fused
+  kernels of ``model.fused_kernels``, the lean saves of ``model.lean_saves`` (the MLPs keep
+  their input and fc1 output; each predictor LayerNorm and the Linear after it keep the norm's
+  input and stats; the LayerScale inputs stay bf16; the alignment heads recompute LayerNorm +
+  l2; the cosine loss keeps the bf16 target; the masked-token gather keeps its index; the VB
+  term is recomputed in backward), the teacher in ``model.teacher.precision`` gathered at the
+  visible tokens before the student runs, activation checkpointing from ``model.checkpointing``,
+  ``model.diffusion.reconstruction_ratio``, and with ``model.diffusion.chunk_rows`` > 0 (not
+  under ZeRO-3) the diffusion loss and its backward a chunk of rows at a time in the forward
+  (kept: the gradient w.r.t. z and float32 parameter gradients; one chunk is a transient).
+
+The step:
+
+- peak = static + max(teacher phase, forward end / backward start, optimiser step); forward
+  end = activations + live teacher outputs + the largest transient of the forward; a
+  transient is one layer's working set (MLP hidden, attention scores, the loss's
+  temporaries), never two at once.
+- static = bf16 weights + gradients + fp32 master weights + two fp32 Adam moments, split
+  across ``world`` ranks as ZeRO does (stage 1: optimiser states; 2: + gradients; 3: +
+  weights), + the ZeRO gradient bucket (``reduce_bucket_size`` elements of bf16 at stages 1-2
+  with contiguous gradients) + the frozen teacher weights. The optimiser step adds an fp32
+  copy of the gradient partition.
+- the CUDA context and library workspaces are outside torch's allocator: the report adds
+  ``CUDA_CONTEXT_GIB`` to compare with nvidia-smi. No fragmentation factor.
+- the mask keeps ``L - int(L * ratio)`` tokens per frame.
+"""
 
 GIB = 2**30
 CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS/cuDNN workspaces on an A100/H100, outside torch's allocator
-RELEASE_BUCKET = 500_000_000  # the release's reduce_bucket_size (DeepSpeed's default)
 VB_TENSORS = 17  # (M, C) tensors the learned-sigma variational-bound loss saves (op graph of vb_terms_bpd)
 # The release's gaussian_diffusion saves 5 more: its _extract_into_tensor broadcasts every schedule
 # coefficient to a full (M, C) tensor. Measured on the release's own code by
@@ -90,8 +80,10 @@ class Way:
     reconstruction_ratio: float = 1.0
     grad_bucket: bool = True
     bucket_elems: int | None = None  # ZeRO reduce bucket (elements); None: ``deepspeed.reduce_bucket_size``
-    lean_mlp: bool = False  # encoder / predictor MLPs keep only their input and fc1 output
+    lean: bool = False  # lean saves (model.lean_saves)
     teacher_visible_only: bool = False  # the teacher layers live through the step at the visible tokens only
+    embed_visible_only: bool = True  # only the visible patches are embedded (else every patch, then a gather)
+    shared_silu: bool = True  # the diffusion head computes SiLU(y) once (else once per adaLN projection)
     predictor_v_copy: bool = False  # the predictor's attention keeps a copy of v, not the whole Wqkv output
     diffusion_chunk_rows: int = 0  # > 0: the head's loss + backward run in chunks in the forward (not under ZeRO-3)
     vb_tensors: int = VB_TENSORS  # (rows, C) tensors the variational-bound term saves
@@ -241,22 +233,28 @@ def predictor_in(d: int, w: int, a: int, lean: bool = False) -> float:
 
 
 def diffusion_rows(w: int, z: int, c: int, cout: int, depth: int, d: int, a: int, fused: bool,
-                   learn_sigma: bool, lean: bool = False, vb_tensors: int = VB_TENSORS) -> dict:
-    """Per diffusion row: embeddings, the adaLN blocks, the final layer, the losses (``lean``:
-    the variational-bound term keeps its inputs only: the target and t; the model output is
-    kept by the eps-MSE already)."""
+                   learn_sigma: bool, lean: bool = False, vb_tensors: int = VB_TENSORS,
+                   shared_silu: bool = True) -> dict:
+    """Per diffusion row: embeddings, the adaLN blocks, the final layer, the losses.
+
+    ``shared_silu``: SiLU(y) computed once for every adaLN projection (ivfast), else once per
+    block and in the final layer (the release). ``lean``: the variational-bound term keeps only
+    its inputs (the model output, the target, t; x_t is kept anyway). Unfused, the eps-MSE keeps
+    its float32 difference; fused, its kernel keeps the model output.
+    """
     del a
     embed = 256 * d + 2 * w * d + z * d + w * d + c * d  # t MLP inputs, z, y (SiLU input), x_t
     if fused:
         blocks = depth * (6 * w * d + 8) + w * d  # x, mod (3W), a, h per block + SiLU(y) once
         final = 3 * w * d + 8
-        loss = cout * d  # the eps-MSE kernel keeps the model output
-    else:  # per block: SiLU(y), x, LN(x), 1 + scale, modulated, fc1 out, SiLU out, h, mod (3W)
-        blocks = depth * (11 * w * d + 8)
-        final = 5 * w * d + 8
-        loss = 4 * c  # eps_hat - eps
+        loss = out_kept = cout * d
+    else:  # per block: x, LN(x), 1 + scale, modulated, fc1 out, SiLU out, h, mod (3W) [+ its SiLU(y)]
+        silu = 0 if shared_silu else w * d
+        blocks = depth * (10 * w * d + silu + 8) + (w * d if shared_silu else 0)
+        final = 4 * w * d + silu + 8
+        loss, out_kept = 4 * c, 0  # eps_hat - eps
     if learn_sigma and lean:
-        loss += c * d + 8
+        loss += (cout * d - out_kept) + c * d + 8
     elif learn_sigma:
         loss += vb_tensors * c * d + 2 * c
     return {"embed": embed, "blocks": blocks, "final": final, "loss": loss}
@@ -269,7 +267,7 @@ def diffusion_head_rows(cfg: Config, way: Way, chunked: bool = False) -> dict:
     c = 3 * e.tubelet_size * e.patch_size ** 2
     return diffusion_rows(dcfg.width, cfg.model.predictor.width, c, 2 * c if dcfg.learn_sigma else c, dcfg.depth,
                           way.diffusion_bytes, way.act_bytes, way.fused, dcfg.learn_sigma,
-                          way.lean_mlp and not chunked, way.vb_tensors)
+                          way.lean and not chunked, way.vb_tensors, way.shared_silu)
 
 
 # ----------------------------------------------------------------------------- the whole step
@@ -301,8 +299,9 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
     # activations
     n_enc = s.cls + s.visible
     hidden = int(e.width * e.mlp_ratio)
-    block = encoder_block(e.width, e.heads, hidden, n_enc, a, way.attention, way.fused, way.lean_mlp) * B * n_enc
-    embed = encoder_embed(3 * e.tubelet_size * e.patch_size ** 2, e.width, a, way.fused) * B * s.frames * s.grid
+    block = encoder_block(e.width, e.heads, hidden, n_enc, a, way.attention, way.fused, way.lean) * B * n_enc
+    embedded = s.visible if way.embed_visible_only else s.frames * s.grid
+    embed = encoder_embed(3 * e.tubelet_size * e.patch_size ** 2, e.width, a, way.fused) * B * embedded
     acts, trans = {}, {}
     chunk = way.diffusion_chunk_rows if chunking_allowed(zero) else 0  # ZeRO-3: plain autograd, as in the trainer
     if _ckpt("encoder", way):
@@ -310,7 +309,7 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
         trans["encoder recompute (one block)"] = block
     else:
         acts["encoder"] = embed + e.depth * block
-    acts["align heads"] = (m.align.num_layers * align_head(e.width, t.width, a, way.lean_mlp,
+    acts["align heads"] = (m.align.num_layers * align_head(e.width, t.width, a, way.lean,
                                                            way.teacher_stream_bytes) * B * s.visible
                            + pool(e.width, m.align.pool_heads, a, way.attention) * B * n_enc)
     rows = 0
@@ -319,8 +318,8 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
         n_p = s.cls + s.frames * s.grid
         ids = [p.first_layer_id + i for i in range(p.depth)]
         layers = [predictor_layer(p.width, p.heads, p.mlp_hidden, n_p, None if i % p.global_every == 0 else p.window // 2,
-                                  a, way.attention, way.lean_mlp, way.predictor_v_copy) * B * n_p for i in ids]
-        pin = predictor_in(e.width, p.width, a, way.lean_mlp) * B * n_p
+                                  a, way.attention, way.lean, way.predictor_v_copy) * B * n_p for i in ids]
+        pin = predictor_in(e.width, p.width, a, way.lean) * B * n_p
         if _ckpt("predictor", way):
             acts["predictor"] = pin + p.depth * a * p.width * B * n_p
             trans["predictor recompute (one layer)"] = max(layers)
@@ -360,11 +359,11 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
         n_p = s.cls + s.frames * s.grid
         attn = 8 * p.heads * n_p * n_p * B if way.attention == "math" else 0
         # GeGLU: Wi's output, GELU, the product, their gradients; lean: three hidden-wide at most
-        trans["predictor MLP / attention"] = max((3 if way.lean_mlp else 4) * a * p.mlp_hidden * B * n_p, attn)
+        trans["predictor MLP / attention"] = max((3 if way.lean else 4) * a * p.mlp_hidden * B * n_p, attn)
     if rows and not chunk:
         d = way.diffusion_bytes
         trans["diffusion layer"] = 4 * m.diffusion.width * d * rows
-        if way.lean_mlp and m.diffusion.learn_sigma:  # backward: the VB term again, 8192 rows at a time
+        if way.lean and m.diffusion.learn_sigma:  # backward: the VB term again, 8192 rows at a time
             trans["diffusion VB recompute"] = way.vb_tensors * c * d * min(rows, 8192)
     est.transients = trans
 
@@ -397,28 +396,23 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
     return est
 
 
-def _get(obj, name: str, default):
-    return getattr(obj, name, default) if obj is not None else default
-
-
 def release_way(cfg: Config) -> Way:
-    """The release's way of running ``cfg`` (see the module docstring)."""
-    return Way("release", act_bytes=2, attention="flash", fused=False, diffusion_bytes=4, teacher_param_bytes=4,
-               teacher_stream_bytes=4, teacher_eager=True, checkpointing=(), reconstruction_ratio=1.0,
-               bucket_elems=RELEASE_BUCKET, lean_mlp=False, teacher_visible_only=False,
-               vb_tensors=RELEASE_VB_TENSORS)
+    """The release's way of running ``cfg`` (:data:`ASSUMPTIONS`): ivfast under
+    ``RELEASE_WAY`` plus the release's structure that ivfast has no switch for."""
+    return replace(ivfast_way(with_overrides(cfg, RELEASE_WAY)), name="release", teacher_visible_only=False,
+                   predictor_v_copy=False, embed_visible_only=False, shared_silu=False,
+                   vb_tensors=RELEASE_VB_TENSORS)
 
 
 def ivfast_way(cfg: Config, checkpointing=None) -> Way:
     """ivfast's way from the config; ``checkpointing`` overrides ``model.checkpointing``."""
     m = cfg.model
-    tp = _get(m.teacher, "precision", "auto")
-    dp = _get(m.diffusion, "precision", "auto")
-    ck = tuple(_get(m, "checkpointing", []) if checkpointing is None else checkpointing)
+    tp, dp = m.teacher.precision, m.diffusion.precision
+    ck = tuple(m.checkpointing if checkpointing is None else checkpointing)
+    teacher_attention = m.attention if m.teacher.attention == "same" else m.teacher.attention
     return Way("ivfast" + (" + checkpointing" if ck else ""), act_bytes=2, attention="flash",
                fused=bool(m.fused_kernels), diffusion_bytes=4 if dp == "fp32" else 2,
                teacher_param_bytes=4 if tp == "fp32" else 2, teacher_stream_bytes=4 if tp == "fp32" else 2,
-               teacher_eager=m.attention == "math", checkpointing=ck,
-               reconstruction_ratio=float(_get(m.diffusion, "reconstruction_ratio", 1.0)),
-               lean_mlp=bool(_get(m, "lean_mlp", False)), teacher_visible_only=True, predictor_v_copy=True,
-               diffusion_chunk_rows=int(_get(m.diffusion, "chunk_rows", 0)))
+               teacher_eager=teacher_attention == "math", checkpointing=ck,
+               reconstruction_ratio=float(m.diffusion.reconstruction_ratio), lean=bool(m.lean_saves),
+               teacher_visible_only=True, predictor_v_copy=True, diffusion_chunk_rows=int(m.diffusion.chunk_rows))

@@ -16,48 +16,40 @@ from ivfast.memory import report
 
 def measure(cfg, steps: int = 3) -> tuple[float, dict]:
     """Peak GiB (allocated + CUDA context) of ``steps`` training steps of ``cfg`` on this GPU,
-    through DeepSpeed as ``ivfast-train`` runs them, and the per-phase peaks (MiB)."""
+    through the trainer's step and DeepSpeed engine, and the per-phase peaks (MiB)."""
     import torch
 
     if not torch.cuda.is_available():
         raise RuntimeError("--measure needs a CUDA GPU; none is visible here")
-    import deepspeed
-
     from ivfast.memory.analytic import CUDA_CONTEXT_GIB
-    from ivfast.memory.tracker import PhaseTracker, phase, watch_stage1
-    from ivfast.models.attention import set_backend
-    from ivfast.models.sample_rng import SampleRNG
-    from ivfast.training import distributed
-    from ivfast.training.ds_config import deepspeed_config
-    from ivfast.training.optim import build_optimizer
-    from ivfast.training.tasks import Stage1Task
+    from ivfast.rng import SampleRNG
+    from ivfast.training.engine import build_engine, init_runtime
+    from ivfast.training.phase_tracker import PhaseTracker, phase, watch_stage1
+    from ivfast.training.step import Stage1Step
 
-    dist = distributed.init("cuda", False)
-    set_backend(cfg.model.attention)
+    rt = init_runtime(cfg)
     torch.manual_seed(0)
-    task = Stage1Task(cfg)
-    task.to(dist.device, torch.bfloat16)
-    engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=build_optimizer(task.model, cfg.train,
-                                           dist.device), config=deepspeed_config(cfg, True), dist_init_required=False)
-    tracker = task.tracker = PhaseTracker.for_device(dist.device)
-    watch_stage1(tracker, task.model)
+    step = Stage1Step(cfg)
+    engine = build_engine(cfg, step, rt)
+    tracker = step.tracker = PhaseTracker.for_device(rt.device)
+    watch_stage1(tracker, step.model)
     d = cfg.data
-    video = torch.randn(d.batch_size, 3, d.num_frames, d.img_size, d.img_size, device=dist.device)
-    torch.cuda.reset_peak_memory_stats(dist.device)
+    video = torch.randn(d.batch_size, 3, d.num_frames, d.img_size, d.img_size, device=rt.device)
+    torch.cuda.reset_peak_memory_stats(rt.device)
     peak, phases = 0, {}
     for i in range(steps):
         tracker.set_active(i == steps - 1)
-        rng = SampleRNG.for_step(0, i, range(d.batch_size), dist.device)
+        rng = SampleRNG.for_step(0, i, range(d.batch_size), rt.device)
         with phase(tracker, "forward"):
-            out = task.forward(engine, video, rng)
+            out = step.forward(engine, video, rng)
         with phase(tracker, "backward"):
             engine.backward(out["loss"])
         with phase(tracker, "optimizer step"):
             engine.step()
-        peak = max(peak, torch.cuda.max_memory_allocated(dist.device))
+        peak = max(peak, torch.cuda.max_memory_allocated(rt.device))
         phases = tracker.record() or phases
     tracker.unwatch()
-    del engine, task
+    del engine, step
     torch.cuda.empty_cache()
     return peak / 2**30 + CUDA_CONTEXT_GIB, phases
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ivfast.config import Config
+from ivfast.config import Config, stage1_config
+from ivfast.models.layers import count_parameters
 
 # Student attribute -> component name in the report.
 _COMPONENTS = {
@@ -40,35 +41,26 @@ class ParamCounts:
 
 
 def _meta_build(cfg: Config):
-    from ivfast.models.stage1 import Stage1Model, teacher_return_layers
-    from ivfast.models.teacher import SigLIPTeacher
+    from ivfast.models.stage1 import Stage1Model
+    from ivfast.models.teacher import SigLIPTeacher, teacher_return_layers
 
     m, t = cfg.model, cfg.model.teacher
-    # init_weights loading is a file read: a meta model never loads weights
     with torch.device("meta"):
-        p = m.predictor
-        saved = p.init_weights
-        p.init_weights = ""
-        try:
-            student = Stage1Model(m, cfg.data.num_frames, cfg.data.img_size)
-        finally:
-            p.init_weights = saved
-        teacher = SigLIPTeacher(img_size=t.img_size, patch_size=t.patch_size, width=t.width, depth=t.depth,
-                                heads=t.heads, mlp_dim=t.mlp_dim,
-                                return_layers=teacher_return_layers(t.depth, m.align.num_layers, t.layer_interval))
+        student = Stage1Model(stage1_config(cfg))
+        teacher = SigLIPTeacher.from_config(t, teacher_return_layers(t.depth, m.align.num_layers, t.layer_interval))
     return student, teacher
 
 
 def count_params(cfg: Config) -> ParamCounts:
     """Per-component counts of the Stage-1 student (all trainable) and the frozen teacher."""
     student, teacher = _meta_build(cfg)
-    counts = ParamCounts(teacher=sum(p.numel() for p in teacher.parameters()))
+    counts = ParamCounts(teacher=count_parameters(teacher))
     seen = set()
     for name, child in student.named_children():
         comp = _COMPONENTS.get(name)
         if comp is None:
             raise KeyError(f"memory model: no component for Stage1Model.{name}")
-        n = sum(p.numel() for p in child.parameters())
+        n = count_parameters(child)
         counts.trainable[comp] = counts.trainable.get(comp, 0) + n
         seen.update(id(p) for p in child.parameters())
     for name, prm in student.named_parameters(recurse=False):

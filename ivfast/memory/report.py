@@ -117,8 +117,7 @@ def markdown(rows: list[Row], zero: int, world: int) -> str:
         if r.measured_phases:
             out += ["", "Measured peaks per phase (MiB): " + ", ".join(
                 f"{k} {v:.0f}" for k, v in r.measured_phases.items())]
-    doc = analytic.__doc__.split("Two presets:", 1)[1]
-    out += ["", "## Assumptions", "", "Two presets:" + doc.rstrip(), ""]
+    out += ["", "## Assumptions", "", analytic.ASSUMPTIONS.rstrip(), ""]
     return "\n".join(out)
 
 

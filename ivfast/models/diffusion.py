@@ -161,7 +161,8 @@ class GaussianDiffusion:
         self._device_tables: Dict[Tuple[str, torch.device], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ lookups
-    def _table(self, name: str, device: torch.device) -> torch.Tensor:
+    def table(self, name: str, device: torch.device) -> torch.Tensor:
+        """A schedule table (float64) on ``device``, copied there once and cached."""
         arr = getattr(self, name)
         if arr.device == device:
             return arr
@@ -179,7 +180,7 @@ class GaussianDiffusion:
         """
         if t.dim() > like.dim() or tuple(like.shape[: t.dim()]) != tuple(t.shape):
             raise ValueError(f"t shape {tuple(t.shape)} does not lead x shape {tuple(like.shape)}")
-        table = self._table(name, like.device)
+        table = self.table(name, like.device)
         vals = table[t.to(device=like.device, dtype=torch.long)].to(like.dtype)
         return vals.reshape(tuple(t.shape) + (1,) * (like.dim() - t.dim()))
 

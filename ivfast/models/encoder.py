@@ -1,29 +1,42 @@
 """The video ViT encoder, run on the visible (unmasked) tokens only.
 
-Token order everywhere: t-major, then rows (y), then columns (x):
-token ``n = ti*h*w + y*w + x``, the row order of :func:`ivfast.models.pos_embed.sincos_3d`.
+Token order everywhere: t-major, then rows, then columns: token ``n = ti*h*w + y*w + x``, the
+row order of the position tables. Patches are gathered at the visible tokens *before* the
+patch embedding (RMSNorm -> Linear -> RMSNorm acts per token, so the values are those of
+embedding every patch and gathering after), so masked patches are never embedded.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import List, Literal, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
 
-from ivfast.models.checkpointing import run_block
-from ivfast.models.layers import BLOCK_STYLES, Block, LayerScale, Mlp, RMSNorm, count_parameters
+from ivfast.models.layers import BLOCK_STYLES, Block, LayerScale, RMSNorm
 from ivfast.models.pos_embed import PositionTable
-from ivfast.models.token_ops import add_pos_and_gather
-
-__all__ = ["EncoderOutput", "PatchEmbed", "VideoEncoder", "count_parameters", "patchify"]
+from ivfast.ops.token_gather import add_pos_at, gather_tokens
 
 
-def patchify(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
-    """(B, C, T, H, W) -> (B, N, C*tubelet*patch*patch).
+@dataclass
+class EncoderConfig:
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    block: Literal["release", "plain"] = "release"
+    num_cls_tokens: int = 4
+    layer_scale_init: float = 1e-5
+    drop_path: float = 0.1
+    patch_size: int = 14
+    tubelet_size: int = 1
+    pos_learnable: bool = True
 
-    Tokens in t-major, y, x order; each token's values flattened as (c, tt, py, px), the
-    layout of a Conv3d weight, so a Conv3d kernel reshaped to (D, -1) is the same projection.
-    """
+
+def patchify(video: torch.Tensor, patch: int, tubelet: int = 1) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, N, C*tubelet*patch*patch), tokens t-major, then rows, then columns;
+    each token's values ordered (c, tt, py, px): a Conv3d kernel reshaped to (D, -1) is the same
+    projection, and for tubelet 1 this is ``pixel_unshuffle``'s channel order."""
     b, c, t, h, w = video.shape
     if t % tubelet or h % patch or w % patch:
         raise ValueError(f"video {tuple(video.shape)} is not divisible into {tubelet}x{patch}x{patch} tubelets")
@@ -34,11 +47,8 @@ def patchify(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
-    """Tubelet embedding: a Linear over flattened tubelets.
-
-    ``norms=True`` (release style): RMSNorm on the flattened tubelet before the projection
-    and RMSNorm on its output.
-    """
+    """A Linear over flattened tubelets; ``norms`` (release style): RMSNorm on the tubelet before
+    and on the embedding after."""
 
     def __init__(self, patch_size: int, tubelet_size: int, in_chans: int, width: int, norms: bool):
         super().__init__()
@@ -48,17 +58,15 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Linear(self.patch_dim, width)
         self.norm_out = RMSNorm(width) if norms else nn.Identity()
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        x = patchify(video, self.tubelet_size, self.patch_size)
-        return self.norm_out(self.proj(self.norm_in(x)))
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, N, patch_dim) from :func:`patchify` -> (B, N, width)."""
+        return self.norm_out(self.proj(self.norm_in(patches)))
 
 
 class EncoderOutput(NamedTuple):
-    """``tokens``: (B, num_cls + N_vis, D) last-block output (no final norm).
-    ``layers``: one (B, num_cls + N_vis, D) tensor per requested block, ascending block order.
-    ``num_cls``: how many leading rows are CLS tokens.
-
-    A NamedTuple (not a dataclass) so that DeepSpeed ZeRO-3's module hooks see its tensors."""
+    """``tokens``: (B, num_cls + N_vis, D) last-block output (no final norm); ``layers``: one such
+    tensor per requested block, ascending; ``num_cls``: leading CLS rows. A NamedTuple so that
+    DeepSpeed ZeRO-3's module hooks see its tensors."""
 
     tokens: torch.Tensor
     layers: List[torch.Tensor] = []
@@ -76,11 +84,8 @@ class EncoderOutput(NamedTuple):
 class VideoEncoder(nn.Module):
     """Video ViT over tubelet tokens; ``forward(video, visible_idx)`` encodes the visible ones.
 
-    Parameter names for the optimiser's no-decay rules: norms contain ``norm``, the position
-    table is ``pos.table``, the CLS tokens are ``cls_token``, biases end in ``bias``.
-    ``checkpointing``: recompute each block in backward (``ivfast.models.checkpointing``).
-    ``lean_mlp``: the blocks' MLPs and LayerScales save less for backward (``ivfast.models.lean_mlp``;
-    same values).
+    Parameter names: norms contain ``norm``, the position table is ``pos.table``, the CLS tokens
+    ``cls_token``, biases end in ``bias`` (the optimiser's no-decay rules read them).
     """
 
     def __init__(
@@ -101,13 +106,8 @@ class VideoEncoder(nn.Module):
         drop_path: float = 0.1,
         pos_learnable: bool = True,
         return_layers: Sequence[int] = (),
-        fused: bool = False,
-        checkpointing: bool = False,
-        lean_mlp: bool = False,
     ):
         super().__init__()
-        self.fused = bool(fused)
-        self.checkpointing = bool(checkpointing)
         if block not in BLOCK_STYLES:
             raise ValueError(f"block must be one of {BLOCK_STYLES}, got {block!r}")
         if img_size % patch_size or num_frames % tubelet_size:
@@ -135,16 +135,21 @@ class VideoEncoder(nn.Module):
             Block(width, heads, mlp_ratio, style=block, drop_path=r, layer_scale_init=layer_scale_init) for r in rates
         )
         self.init_weights()
-        for module in self.modules():  # RMSNorm of the release block (norms, QK-norm, patch norms)
-            if isinstance(module, RMSNorm):
-                module.fused = self.fused
-            elif isinstance(module, (Mlp, LayerScale)):  # the blocks' MLPs and LayerScales: ivfast.models.lean_mlp
-                module.lean = bool(lean_mlp)
+
+    @classmethod
+    def from_config(cls, cfg: EncoderConfig, *, num_frames: int, img_size: int, return_layers: Sequence[int] = (),
+                    drop_path: float | None = None) -> "VideoEncoder":
+        return cls(img_size=img_size, patch_size=cfg.patch_size, num_frames=num_frames,
+                   tubelet_size=cfg.tubelet_size, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
+                   mlp_ratio=cfg.mlp_ratio, block=cfg.block, num_cls_tokens=cfg.num_cls_tokens,
+                   layer_scale_init=cfg.layer_scale_init,
+                   drop_path=cfg.drop_path if drop_path is None else drop_path,
+                   pos_learnable=cfg.pos_learnable, return_layers=return_layers)
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Linear weights and CLS tokens trunc-normal(0.02), biases zero, norms one,
-        LayerScale at its init value, position table back to sincos (CLS rows zero)."""
+        """Linear weights and CLS tokens trunc-normal(0.02), biases zero, norms one, LayerScale at its
+        init value, position table back to sincos (CLS rows zero)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -158,40 +163,50 @@ class VideoEncoder(nn.Module):
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
 
-    def embed(self, video: torch.Tensor, visible_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """The blocks' input: (B, num_cls + N_vis, D) = [CLS + pos_cls | gather(patches + pos)]."""
+    def patchify(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, N, patch_dim) in this encoder's tubelet layout."""
         if video.ndim != 5 or video.shape[1] != self.in_chans:
             raise ValueError(f"video must be (B, {self.in_chans}, T, H, W), got {tuple(video.shape)}")
-        x = self.patch_embed(video)  # (B, N, D)
-        _, _, t, h, w = video.shape
-        pos = self.pos.patch_rows_for(t // self.tubelet_size, h // self.patch_size, w // self.patch_size)
+        return patchify(video, self.patch_size, self.tubelet_size)
+
+    def token_grid(self, video_shape: Sequence[int]) -> tuple[int, int, int]:
+        """The (t, h, w) token grid of a (B, C, T, H, W) video."""
+        _, _, t, h, w = video_shape
+        return t // self.tubelet_size, h // self.patch_size, w // self.patch_size
+
+    def embed(self, patches: torch.Tensor, grid: tuple[int, int, int],
+              visible_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks' input (B, num_cls + N_vis, D) = [CLS + pos_cls | embed(patches[visible]) + pos]."""
         if visible_idx is None:
-            x = x + pos
+            x = self.patch_embed(patches)
+            x = x + self.pos.patch_rows_for(*grid).to(x.dtype)
         else:
-            if visible_idx.ndim != 2 or visible_idx.shape[0] != x.shape[0]:
+            if visible_idx.ndim != 2 or visible_idx.shape[0] != patches.shape[0]:
                 raise ValueError(f"visible_idx must be (B, N_vis), got {tuple(visible_idx.shape)}")
-            x = self._gather(x, pos, visible_idx, (t // self.tubelet_size, h // self.patch_size, w // self.patch_size))
+            x = self.patch_embed(gather_tokens(patches, visible_idx))
+            if self.pos.learnable:
+                x = add_pos_at(x, visible_idx, pos=self.pos.patch_rows_for(*grid))
+            else:  # the fixed sine-cosine, computed in the kernel from the token index
+                x = add_pos_at(x, visible_idx, grid=grid)
         if self.cls_token is not None:
             cls = (self.cls_token + self.pos.cls).to(x.dtype).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
         return x
 
-    def _gather(self, x, pos, idx, grid):
-        """(x + pos)[idx]: the reference, or the fused kernel (in-kernel sine-cosine for fixed tables)."""
-        if not self.fused:
-            return add_pos_and_gather(x, pos, idx)
-        from kernels.token_gather import add_pos_and_gather as fused_gather
-
-        if isinstance(self.pos.table, nn.Parameter):
-            return fused_gather(x, idx, pos=pos)
-        return fused_gather(x, idx, grid=grid)
-
-    def forward(self, video: torch.Tensor, visible_idx: torch.Tensor | None = None) -> EncoderOutput:
-        """video (B, C, T, H, W); visible_idx (B, N_vis) int64 sorted ascending, or None for all."""
-        x = self.embed(video, visible_idx)
+    def forward(self, x: torch.Tensor, visible_idx: torch.Tensor | None = None,
+                grid: tuple[int, int, int] | None = None) -> EncoderOutput:
+        """x: a video (B, C, T, H, W), or its :meth:`patchify` output (B, N, patch_dim) with the
+        clip's token ``grid``; visible_idx (B, N_vis) int64 sorted ascending, or None for all."""
+        if x.dim() == 3:
+            if grid is None:
+                raise ValueError("patches (B, N, patch_dim) need their token grid (t, h, w)")
+            patches = x
+        else:
+            patches, grid = self.patchify(x), self.token_grid(x.shape)
+        x = self.embed(patches, grid, visible_idx)
         outs = []
         for i, blk in enumerate(self.blocks):
-            x = run_block(blk, x, checkpoint=self.checkpointing)
+            x = blk(x)
             if i in self.return_layers:
                 outs.append(x)
         return EncoderOutput(tokens=x, layers=outs, num_cls=self.num_cls)

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ivfast.models import lean_mlp
-from ivfast.models.attention import attention
+from ivfast.ops import lean
+from ivfast.ops.attention import attention
 
 
 class MLPHead(nn.Module):
@@ -16,14 +15,11 @@ class MLPHead(nn.Module):
     last dim (alignment heads); ``l2=False`` is the predictor's input projection.
     """
 
-    lean = False  # set by the owner (model.lean_mlp): ivfast.models.lean_mlp for the MLP and the norms (same values)
-
     def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None, l2: bool = True):
         super().__init__()
         hidden = hidden or in_dim
         self.l2 = l2
         self.fc1 = nn.Linear(in_dim, hidden)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, out_dim)
         self.norm = nn.LayerNorm(out_dim)
         self.reset_parameters()
@@ -36,14 +32,10 @@ class MLPHead(nn.Module):
         self.norm.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if lean_mlp.mlp_applies(self, x):
-            x = lean_mlp.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-            if self.l2:
-                return lean_mlp.layer_norm_l2(x, self.norm.weight, self.norm.bias, self.norm.eps)
-        else:
-            x = self.fc2(self.act(self.fc1(x)))
-        x = self.norm(x)
-        return F.normalize(x, dim=-1) if self.l2 else x
+        x = lean.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        if self.l2:
+            return lean.layer_norm_l2(x, self.norm.weight, self.norm.bias, self.norm.eps)
+        return self.norm(x)
 
 
 class AttentionPool(nn.Module):
@@ -94,14 +86,9 @@ class AttentionPool(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(x.shape[0], -1))
 
 
-def cosine_align_loss(pred: torch.Tensor, target: torch.Tensor, lean: bool = False) -> torch.Tensor:
-    """mean(2 - 2 * <pred, target>) over all leading dims; both inputs already l2-normalised.
-
-    Computed in fp32; returns a 0-dim tensor. ``lean``: backward keeps ``target`` as it is,
-    not its fp32 copy (``ivfast.models.lean_mlp.cosine_align``; same values).
-    """
+def cosine_align_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean(2 - 2 * <pred, target>) over all leading dims, in float32, a 0-dim tensor; both inputs
+    already l2-normalised."""
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    if lean and not target.requires_grad and lean_mlp.usable(pred):
-        return lean_mlp.cosine_align(pred, target)
-    return (2.0 - 2.0 * (pred.float() * target.float()).sum(dim=-1)).mean()
+    return lean.cosine_align(pred, target)

@@ -1,34 +1,33 @@
-"""Transformer building blocks for the video ViT.
+"""Transformer building blocks of the video ViT, in two styles chosen by a string:
 
-Two block styles, chosen by a string:
+- ``"plain"`` (the paper's supplement): pre-norm LayerNorm, MHSA with qkv bias, GELU MLP, no
+  LayerScale;
+- ``"release"`` (the authors' release): pre-norm RMSNorm, attention without qkv bias and with
+  QK-norm (RMSNorm over the full q and k width, before splitting heads), LayerScale, GELU MLP.
 
-- ``"plain"`` (the paper's supplement): pre-norm LayerNorm, MHSA with qkv bias, GELU MLP,
-  no LayerScale.
-- ``"release"`` (the authors' release): pre-norm RMSNorm, attention without qkv bias and
-  with QK-norm (RMSNorm over the full q and k width, before splitting heads), LayerScale,
-  GELU MLP.
-
-Both use stochastic depth (``DropPath``); the per-block rates are set by the caller.
-Module names follow the optimiser's no-weight-decay rules: norms contain ``norm``.
+Norm modules are named ``*norm*`` (the optimiser's no-weight-decay rule).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from ivfast.models import lean_mlp
-from ivfast.models.attention import attention
+from ivfast.ops import lean
+from ivfast.ops.attention import attention
+from ivfast.ops.rmsnorm import rmsnorm
 
 BLOCK_STYLES = ("plain", "release")
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of scalar parameters in ``module`` (shared parameters counted once)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+def count_parameters(module: nn.Module, trainable: bool | None = None) -> int:
+    """Scalar parameters of ``module``, each shared one once: all (None), trainable only (True) or
+    frozen only (False). A ZeRO-3 partitioned parameter counts its full size (``ds_numel``)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters()
+               if trainable is None or p.requires_grad == trainable)
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight over the last dim, computed in fp32; output has the input dtype."""
+    """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dim in float32; output in x's dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -38,23 +37,15 @@ class RMSNorm(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
-    fused = False  # set by VideoEncoder(fused=True): the kernel of kernels.rmsnorm
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            from kernels.rmsnorm import rmsnorm
-
-            return rmsnorm(x, self.weight, self.eps)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return rmsnorm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 class LayerScale(nn.Module):
-    """Per-channel scale ``x * gamma`` applied in fp32; output has the input dtype."""
+    """``x * gamma`` per channel in float32; output in x's dtype."""
 
     def __init__(self, dim: int, init: float = 1e-5):
         super().__init__()
@@ -64,20 +55,16 @@ class LayerScale(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.constant_(self.gamma, self.init)
 
-    lean = False  # set by VideoEncoder(lean_mlp=True): ivfast.models.lean_mlp.layer_scale (same values)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lean and lean_mlp.usable(x):
-            return lean_mlp.layer_scale(x, self.gamma)
-        return (x.float() * self.gamma.float()).to(x.dtype)
+        return lean.layer_scale(x, self.gamma)
 
     def extra_repr(self) -> str:
         return f"{self.gamma.shape[0]}, init={self.init}"
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: in training, zero a sample's residual branch with probability ``p``
-    and scale the kept ones by 1 / (1 - p). Identity in eval or when p == 0."""
+    """Stochastic depth: in training, zero a sample's residual branch with probability ``p`` and
+    scale the kept ones by 1 / (1 - p). Identity in eval or when p == 0."""
 
     def __init__(self, p: float = 0.0):
         super().__init__()
@@ -97,27 +84,20 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Linear -> GELU -> Linear."""
-
-    lean = False  # set by VideoEncoder(lean_mlp=True): ivfast.models.lean_mlp (same values, less saved)
+    """Linear -> GELU (erf) -> Linear."""
 
     def __init__(self, dim: int, hidden: int, out_dim: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, out_dim or dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if lean_mlp.mlp_applies(self, x):
-            return lean_mlp.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-        return self.fc2(self.act(self.fc1(x)))
+        return lean.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over (B, N, dim) through the shared attention entry point.
-
-    ``qk_norm``: RMSNorm over the full q and k width before splitting into heads.
-    """
+    """Multi-head self-attention over (B, N, dim); ``qk_norm``: RMSNorm over the full q and k
+    width before splitting into heads."""
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True, qk_norm: bool = False):
         super().__init__()
@@ -139,17 +119,10 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + DropPath(LS(attn(norm1(x)))), then the same with the MLP."""
+    """Pre-norm block: ``x + DropPath(LS(attn(norm1(x))))``, then the same with the MLP."""
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        mlp_ratio: float = 4.0,
-        style: str = "release",
-        drop_path: float = 0.0,
-        layer_scale_init: float | None = 1e-5,
-    ):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, style: str = "release",
+                 drop_path: float = 0.0, layer_scale_init: float | None = 1e-5):
         super().__init__()
         if style not in BLOCK_STYLES:
             raise ValueError(f"block style must be one of {BLOCK_STYLES}, got {style!r}")

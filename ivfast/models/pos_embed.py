@@ -1,76 +1,12 @@
-"""Sine-cosine position tables for video tokens, fixed or learnable.
-
-Layout of the 3-D table (``sincos_3d``): row ``ti*h*w + y*w + x`` (t-major, then rows,
-then columns, the encoder's token order); channels ``[temporal (dim/4) | spatial (3dim/4)]``
-where the spatial block is itself ``[x (w coordinate) | y (h coordinate)]``. Each 1-D block
-is ``[sin(p * omega) | cos(p * omega)]`` with ``omega_i = 10000 ** (-i / (d/2))``.
-
-All tables are computed in float64 and returned as float32. Only torch ops are used, so
-they also work under ``torch.device("meta")``.
-"""
+"""Position tables of video tokens: CLS rows, then the 3-D sine-cosine rows
+(:func:`ivfast.ops.sincos.sincos_3d`), fixed or learnable, and their resampling in time."""
 from __future__ import annotations
-
-from typing import Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-Positions = Union[torch.Tensor, Sequence[float], int]
-
-
-def _positions(positions: Positions) -> torch.Tensor:
-    if isinstance(positions, int):
-        return torch.arange(positions, dtype=torch.float64)
-    return torch.as_tensor(positions, dtype=torch.float64).reshape(-1)
-
-
-def sincos_1d(dim: int, positions: Positions) -> torch.Tensor:
-    """(len(positions), dim) table ``[sin(p * omega) | cos(p * omega)]``, float32.
-
-    ``positions``: a 1-D tensor or sequence of (possibly fractional) positions, or an int
-    ``n`` meaning ``range(n)``. ``dim`` must be even.
-    """
-    if dim <= 0 or dim % 2:
-        raise ValueError(f"sincos_1d needs a positive even dim, got {dim}")
-    pos = _positions(positions)
-    half = dim // 2
-    omega = 1.0 / 10000.0 ** (torch.arange(half, dtype=torch.float64, device=pos.device) / half)
-    angles = pos[:, None] * omega[None, :]
-    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
-
-
-def sincos_2d(dim: int, h: int, w: int) -> torch.Tensor:
-    """(h*w, dim) table, row ``y*w + x``: ``[sincos_1d(dim/2, x) | sincos_1d(dim/2, y)]``.
-
-    The first half encodes the column (w, x) coordinate. ``dim`` must be divisible by 4.
-    """
-    if dim % 4:
-        raise ValueError(f"sincos_2d needs dim divisible by 4 (two even halves), got {dim}")
-    half = dim // 2
-    ex = sincos_1d(half, w)  # (w, half)
-    ey = sincos_1d(half, h)  # (h, half)
-    return torch.cat([ex[None, :, :].expand(h, w, half), ey[:, None, :].expand(h, w, half)], dim=-1).reshape(h * w, dim)
-
-
-def sincos_3d(dim: int, t: int, h: int, w: int) -> torch.Tensor:
-    """(t*h*w, dim) table, row ``ti*h*w + y*w + x``: ``[sincos_1d(dim/4, ti) | sincos_2d(3dim/4, h, w)]``.
-
-    ``dim`` must be divisible by 16: the temporal block (dim/4) needs an even width, so
-    dim % 8 == 0, and each of the two spatial halves (3dim/8) needs an even width, so
-    dim % 16 == 0.
-    """
-    if dim <= 0 or dim % 16:
-        raise ValueError(
-            f"sincos_3d needs dim divisible by 16 (temporal dim/4 and both spatial halves "
-            f"3*dim/8 must be even), got {dim}"
-        )
-    dt = dim // 4
-    ds = dim - dt
-    et = sincos_1d(dt, t)  # (t, dt)
-    es = sincos_2d(ds, h, w)  # (h*w, ds)
-    n_s = h * w
-    return torch.cat([et[:, None, :].expand(t, n_s, dt), es[None, :, :].expand(t, n_s, ds)], dim=-1).reshape(t * n_s, dim)
+from ivfast.ops.sincos import sincos_3d
 
 
 def interpolate_time(

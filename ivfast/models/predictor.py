@@ -14,13 +14,26 @@ ModernBERT checkpoint maps onto ``layers.{i}``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
-from . import lean_mlp, token_ops
-from .attention import attention
-from .checkpointing import run_block
-from .heads import MLPHead
+from ivfast.models.heads import MLPHead
+from ivfast.ops import lean
+from ivfast.ops.attention import attention
+from ivfast.ops.token_gather import gather_tokens, scatter_with_mask_token
+
+
+@dataclass
+class PredictorConfig:
+    width: int = 1024
+    depth: int = 5
+    heads: int = 16
+    mlp_hidden: int = 2624
+    window: int = 128
+    global_every: int = 3
+    first_layer_id: int = 23
 
 
 def rope_tables(n: int, head_dim: int, theta: float, device, dtype=torch.float32):
@@ -46,8 +59,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class ModernBertAttention(nn.Module):
-    lean = False  # set by Predictor(lean_mlp=True): the layer runs attn_norm + Wqkv as lean_mlp.norm_linear
-
     def __init__(self, width: int, heads: int, window: int | None):
         super().__init__()
         if width % heads != 0:
@@ -76,21 +87,15 @@ class ModernBertAttention(nn.Module):
 
 
 class ModernBertMLP(nn.Module):
-    """GeGLU: Wi -> (input, gate); Wo(GELU(input) * gate)."""
-
-    lean = False  # set by Predictor(lean_mlp=True): ivfast.models.lean_mlp (same values, less saved)
+    """GeGLU: Wi -> (input, gate); Wo(GELU(input) * gate), erf GELU."""
 
     def __init__(self, width: int, hidden: int):
         super().__init__()
         self.Wi = nn.Linear(width, 2 * hidden, bias=False)
-        self.act = nn.GELU()
         self.Wo = nn.Linear(hidden, width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if lean_mlp.mlp_applies(self, x):
-            return lean_mlp.geglu_mlp(x, self.Wi.weight, self.Wo.weight)
-        inp, gate = self.Wi(x).chunk(2, dim=-1)
-        return self.Wo(self.act(inp) * gate)
+        return lean.geglu_mlp(x, self.Wi.weight, self.Wo.weight)
 
 
 class ModernBertLayer(nn.Module):
@@ -115,28 +120,15 @@ class ModernBertLayer(nn.Module):
         self.mlp = ModernBertMLP(width, mlp_hidden)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # lean: each norm and the Linear after it in one Function that keeps the norm's input
-        # and stats for backward, not its output (ivfast.models.lean_mlp; same values)
-        if self.attn.lean and lean_mlp.usable(x):
-            norm = self.attn_norm
-            qkv = lean_mlp.norm_linear(x, norm.weight, norm.bias, norm.eps, self.attn.Wqkv.weight)
-            x = x + self.attn.attend(qkv, cos, sin)
-        else:
-            x = x + self.attn(self.attn_norm(x), cos, sin)
-        if lean_mlp.mlp_applies(self.mlp, x):
-            norm = self.mlp_norm
-            return x + lean_mlp.norm_geglu_mlp(x, norm.weight, norm.bias, norm.eps, self.mlp.Wi.weight,
-                                               self.mlp.Wo.weight)
-        return x + self.mlp(self.mlp_norm(x))
+        # each norm runs with the Linear after it (lean saves: the norm's output is not kept)
+        an, mn = self.attn_norm, self.mlp_norm
+        x = x + self.attn.attend(lean.norm_linear(x, an.weight, an.bias, an.eps, self.attn.Wqkv.weight), cos, sin)
+        return x + lean.norm_geglu_mlp(x, mn.weight, mn.bias, mn.eps, self.mlp.Wi.weight, self.mlp.Wo.weight)
 
 
 class Predictor(nn.Module):
     """Input projection + ``depth`` ModernBERT layers with absolute ids
-    ``first_layer_id .. first_layer_id + depth - 1``; forward (B, N, in_dim) -> (B, N, width).
-
-    ``checkpointing``: recompute each layer in backward (``ivfast.models.checkpointing``).
-    ``lean_mlp``: the MLPs save less for backward, and the layers keep no LayerNorm outputs
-    (``ivfast.models.lean_mlp``; same values)."""
+    ``first_layer_id .. first_layer_id + depth - 1``; forward (B, N, in_dim) -> (B, N, width)."""
 
     def __init__(
         self,
@@ -151,11 +143,8 @@ class Predictor(nn.Module):
         rope_theta_global: float = 160000.0,
         rope_theta_local: float = 10000.0,
         norm_eps: float = 1e-5,
-        checkpointing: bool = False,
-        lean_mlp: bool = False,
     ):
         super().__init__()
-        self.checkpointing = bool(checkpointing)
         self.in_dim = in_dim
         self.width = width
         self.heads = heads
@@ -170,10 +159,13 @@ class Predictor(nn.Module):
                 ModernBertLayer(width, heads, mlp_hidden, layer_id, is_global, window, theta, norm_eps)
             )
         self.layers = nn.ModuleList(layers)
-        self.in_proj.lean = bool(lean_mlp)
-        for layer in self.layers:
-            layer.attn.lean = layer.mlp.lean = bool(lean_mlp)
         self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, cfg: PredictorConfig, in_dim: int) -> "Predictor":
+        """The predictor of ``cfg`` over ``in_dim``-wide encoder tokens (Stages 1 and 2)."""
+        return cls(in_dim=in_dim, width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_hidden=cfg.mlp_hidden,
+                   window=cfg.window, global_every=cfg.global_every, first_layer_id=cfg.first_layer_id)
 
     @property
     def global_layers(self) -> list[int]:
@@ -204,35 +196,20 @@ class Predictor(nn.Module):
             if layer.rope_theta not in tables:
                 tables[layer.rope_theta] = rope_tables(n, head_dim, layer.rope_theta, x.device)
             cos, sin = tables[layer.rope_theta]
-            x = run_block(layer, x, cos, sin, checkpoint=self.checkpointing)
+            x = layer(x, cos, sin)
         return x
 
 
-def predictor_from_config(p, in_dim: int, checkpointing: bool = False, lean_mlp: bool = False) -> Predictor:
-    """The predictor of a ``PredictorConfig`` over ``in_dim``-wide encoder tokens (Stages 1 and 2)."""
-    return Predictor(in_dim=in_dim, width=p.width, depth=p.depth, heads=p.heads, mlp_hidden=p.mlp_hidden,
-                     window=p.window, global_every=p.global_every, first_layer_id=p.first_layer_id,
-                     checkpointing=checkpointing, lean_mlp=lean_mlp)
-
-
 def predict_masked(predictor: nn.Module, pos_table: torch.Tensor, mask_token: torch.Tensor, enc,
-                   visible_idx: torch.Tensor, masked_idx: torch.Tensor, fused: bool = False,
-                   lean: bool = False) -> torch.Tensor:
-    """The predictor over the full sequence; its output at the masked positions (B, N_mask, width).
+                   visible_idx: torch.Tensor, masked_idx: torch.Tensor) -> torch.Tensor:
+    """The predictor over the full sequence; its output at ``masked_idx`` (B, N_mask, width).
 
     The sequence is ``[CLS tokens + pos_cls | encoder tokens at visible_idx, mask_token elsewhere,
-    + pos]`` (``pos_table``: (num_cls + N, D), CLS rows first; ``enc``: an ``EncoderOutput``).
-    ``fused``: build it with the one-kernel scatter of ``kernels.token_gather`` (Stages 1 and 2).
-    ``lean``: the gather at the masked positions keeps only the index for backward, not the
-    predictor's whole output (``token_ops.gather_tokens``).
+    + pos]``; ``pos_table`` (num_cls + N, D) has the CLS rows first; ``enc`` an ``EncoderOutput``.
     """
     ncls = enc.num_cls
-    if fused:
-        from kernels.token_gather import scatter_with_mask_token
-    else:
-        scatter_with_mask_token = token_ops.scatter_with_mask_token
     seq = scatter_with_mask_token(enc.tokens[:, ncls:], visible_idx, mask_token, pos_table[ncls:])
     if ncls:
         seq = torch.cat([enc.tokens[:, :ncls] + pos_table[:ncls].to(seq.dtype), seq], dim=1)
     z = predictor(seq)[:, ncls:]
-    return token_ops.gather_tokens(z, masked_idx, lean=lean)
+    return gather_tokens(z, masked_idx)

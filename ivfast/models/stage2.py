@@ -1,20 +1,15 @@
-"""Stage 2: latent prediction against a frozen copy of the Stage-1 encoder.
+"""Stage 2: latent prediction against a frozen (or EMA) copy of the Stage-1 encoder.
 
-Data flow of a step (see :meth:`Stage2Model.forward`):
-  teacher(full clip, no grad) -> last-block patch tokens (CLS dropped) -> l2      = target
-  for each of the two multi-block views (``jepa_mask.py``):
-    student encoder(visible tokens) -> predictor(full sequence: encoder tokens + mask tokens)
-      -> at masked positions: head -> l2 -> mean(2 - 2 cos) against the target
-  loss = loss_view0 + loss_view1
+    teacher(full clip, no grad) -> last-block patch tokens -> l2                = target
+    per multi-block view: encoder(visible tokens) -> predictor(+ mask tokens)
+                          -> at masked positions: head -> l2 -> mean(2 - 2 cos) vs target
+    loss = loss_view0 + loss_view1
 
 The student (``encoder``, ``predictor``, ``predictor_pos``, ``mask_token``) has the Stage-1
-model's parameter names, so a Stage-1 state dict loads by name (:meth:`Stage2Model.load_stage1`).
-``head`` is new: an MLP (Linear-GELU-Linear-LayerNorm, then l2) from the predictor width to
-the encoder width, the release's Stage-2 decoder (``selfdist_decoder``); a single Linear would
-also do, but the release's head, with its LayerNorm before the l2, is what the paper trained.
-
-The teacher is part of this module (so an EMA teacher is checkpointed with the run); it
-never requires gradients, has no drop-path and stays in eval mode whatever ``train()`` says.
+model's parameter names, so a Stage-1 state dict loads by name (:meth:`Stage2Model.load_stage1`);
+``head`` (Linear-GELU-Linear-LayerNorm, then l2, the release's Stage-2 decoder) is new. The
+teacher is part of the module (an EMA teacher is checkpointed with the run); it never needs a
+gradient, has no drop-path and stays in eval mode.
 """
 from __future__ import annotations
 
@@ -25,15 +20,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ivfast.config import Config, ModelConfig
-from ivfast.models import token_ops
-from ivfast.models.encoder import VideoEncoder
+from ivfast.models.encoder import EncoderConfig, VideoEncoder
 from ivfast.models.heads import MLPHead, cosine_align_loss
-from ivfast.models.jepa_mask import multiblock_masks
-from ivfast.models.masking import MaskInfo
 from ivfast.models.pos_embed import PositionTable, interpolate_time
-from ivfast.models.predictor import predict_masked, predictor_from_config
-from ivfast.models.sample_rng import SampleRNG
+from ivfast.models.predictor import Predictor, PredictorConfig, predict_masked
+from ivfast.models.weights import LoadReport
+from ivfast.ops.token_gather import gather_tokens
 
 log = logging.getLogger("ivfast.stage2")
 
@@ -44,47 +36,29 @@ STUDENT_PREFIXES = ("encoder.", "predictor.", "predictor_pos.")
 STUDENT_KEYS = ("mask_token",)
 
 
-def _encoder(cfg: ModelConfig, num_frames: int, img_size: int, drop_path: float,
-             checkpointing: bool = False) -> VideoEncoder:
-    e = cfg.encoder
-    return VideoEncoder(
-        img_size=img_size, patch_size=e.patch_size, num_frames=num_frames, tubelet_size=e.tubelet_size,
-        width=e.width, depth=e.depth, heads=e.heads, mlp_ratio=e.mlp_ratio, block=e.block,
-        num_cls_tokens=e.num_cls_tokens, layer_scale_init=e.layer_scale_init, drop_path=drop_path,
-        pos_learnable=e.pos_learnable, fused=cfg.fused_kernels, checkpointing=checkpointing, lean_mlp=cfg.lean_mlp,
-    )
-
-
 @dataclass
-class LoadReport:
-    """What :meth:`Stage2Model.load_stage1` did with a state dict."""
-
-    loaded: list = field(default_factory=list)  # student keys taken from the state dict
-    interpolated: dict = field(default_factory=dict)  # key -> (t_old, t_new)
-    dropped: list = field(default_factory=list)  # Stage-1-only keys (alignment, recon)
-    unexpected: list = field(default_factory=list)  # anything else (ignored)
-    new: list = field(default_factory=list)  # Stage-2 keys not from Stage 1 (head.*), freshly initialised
+class Stage2ModelConfig:
+    num_frames: int = 32
+    img_size: int = 224
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
 
 
 class Stage2Model(nn.Module):
-    """Student encoder + predictor + head, and the teacher (a frozen copy of the encoder).
+    """Student encoder + predictor + head, and the teacher (a frozen copy of the encoder)."""
 
-    ``model.checkpointing`` ("encoder", "predictor") applies to the student; the teacher runs without autograd."""
-
-    def __init__(self, cfg: ModelConfig, num_frames: int, img_size: int):
+    def __init__(self, cfg: Stage2ModelConfig):
         super().__init__()
         e, p = cfg.encoder, cfg.predictor
         self.cfg = cfg
-        self.encoder = _encoder(cfg, num_frames, img_size, e.drop_path, checkpointing="encoder" in cfg.checkpointing)
+        self.encoder = VideoEncoder.from_config(e, num_frames=cfg.num_frames, img_size=cfg.img_size)
         grid = self.encoder.grid
         self.mask_token = nn.Parameter(torch.zeros(e.width))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.predictor_pos = PositionTable(e.width, *grid, num_cls=e.num_cls_tokens, learnable=e.pos_learnable)
-        self.predictor = predictor_from_config(p, e.width, checkpointing="predictor" in cfg.checkpointing,
-                                               lean_mlp=cfg.lean_mlp)
+        self.predictor = Predictor.from_config(p, e.width)
         self.head = MLPHead(p.width, e.width, l2=True)
-        self.head.lean = cfg.lean_mlp
-        self.teacher = _encoder(cfg, num_frames, img_size, 0.0)
+        self.teacher = VideoEncoder.from_config(e, num_frames=cfg.num_frames, img_size=cfg.img_size, drop_path=0.0)
         self.teacher.requires_grad_(False)
         self.copy_encoder_to_teacher()
         self.teacher.eval()
@@ -131,30 +105,26 @@ class Stage2Model(nn.Module):
             tp.lerp_(sp.detach().to(tp.dtype), 1.0 - momentum)
 
     @torch.no_grad()
-    def teacher_targets(self, video: torch.Tensor) -> torch.Tensor:
+    def teacher_targets(self, patches: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """(B, N, D) l2-normalised last-block patch tokens of the teacher on the full clip."""
-        return F.normalize(self.teacher(video).patch_tokens.float(), dim=-1)
+        return F.normalize(self.teacher(patches, None, grid).patch_tokens.float(), dim=-1)
 
     # -- the step --------------------------------------------------------------------
 
-    def view_loss(self, video, targets, visible_idx, masked_idx) -> torch.Tensor:
-        enc = self.encoder(video, visible_idx)
-        z = predict_masked(self.predictor, self.predictor_pos(), self.mask_token, enc, visible_idx, masked_idx,
-                           fused=self.cfg.fused_kernels, lean=self.cfg.lean_mlp)
+    def view_loss(self, patches, grid, targets, visible_idx, masked_idx) -> torch.Tensor:
+        enc = self.encoder(patches, visible_idx, grid)
+        z = predict_masked(self.predictor, self.predictor_pos(), self.mask_token, enc, visible_idx, masked_idx)
         pred = self.head(z)  # per token: the head at the masked positions only
-        return cosine_align_loss(pred, token_ops.gather_tokens(targets, masked_idx))
+        return cosine_align_loss(pred, gather_tokens(targets, masked_idx))
 
-    def forward(self, video, vis0, msk0, vis1, msk1, sample_seeds=None) -> dict:
-        """Both views' losses; ``loss`` is their sum.
-
-        video (B, C, T, H, W) normalised; vis*/msk* (B, N_vis) / (B, N_mask) sorted index
-        tensors of view 0 and view 1; sample_seeds (B,) is accepted for the trainer's common
-        call signature (Stage 2 draws nothing per sample inside the model).
-        """
-        del sample_seeds
-        targets = self.teacher_targets(video)
-        l0 = self.view_loss(video, targets, vis0, msk0)
-        l1 = self.view_loss(video, targets, vis1, msk1)
+    def forward(self, video, vis0, msk0, vis1, msk1) -> dict:
+        """Both views' losses; ``loss`` is their sum. video (B, C, T, H, W) normalised; vis*/msk*
+        (B, N_vis) / (B, N_mask) sorted index tensors of view 0 and view 1."""
+        patches = self.encoder.patchify(video)
+        grid = self.encoder.token_grid(video.shape)
+        targets = self.teacher_targets(patches, grid)
+        l0 = self.view_loss(patches, grid, targets, vis0, msk0)
+        l1 = self.view_loss(patches, grid, targets, vis1, msk1)
         return {"loss": l0 + l1, "loss_view0": l0.detach(), "loss_view1": l1.detach()}
 
     # -- initialisation from Stage 1 -------------------------------------------------
@@ -171,13 +141,13 @@ class Stage2Model(nn.Module):
         """
         own = self.state_dict()
         needed = [k for k in own if k.startswith(STUDENT_PREFIXES) or k in STUDENT_KEYS]
-        report = LoadReport()
+        report = LoadReport(path="state dict", layout="ivfast stage 1", prefix="")
         taken = {}
         for key, value in state_dict.items():
             if key in needed:
                 taken[key] = value
             elif key.startswith(STAGE1_ONLY_PREFIXES):
-                report.dropped.append(key)
+                report.ignored.append(key)
             else:
                 report.unexpected.append(key)
         missing = [k for k in needed if k not in taken]
@@ -203,12 +173,12 @@ class Stage2Model(nn.Module):
             own[key].copy_(taken[key].to(own[key].dtype))
         self.copy_encoder_to_teacher()
         report.loaded = needed
-        report.new = [k for k in own if k not in needed and not k.startswith("teacher.")]
+        report.kept = [k for k in own if k not in needed and not k.startswith("teacher.")]
         if report.unexpected:
             log.warning("load_stage1: ignored %d unexpected key(s): %s", len(report.unexpected),
                         _short(report.unexpected))
         log.info("load_stage1: %d student tensors loaded, %d Stage-1-only dropped, new: %s%s", len(needed),
-                 len(report.dropped), _short(report.new),
+                 len(report.ignored), _short(report.kept),
                  "".join(f"; {k} interpolated {a} -> {b} frames" for k, (a, b) in report.interpolated.items()))
         return report
 
@@ -228,17 +198,3 @@ def _resize_table(value: torch.Tensor, table: PositionTable, key: str, align_cor
     t_old = rows // (h * w)
     patch = interpolate_time(value[table.num_cls:].float(), t_old, t_new, h, w, align_corners=align_corners)
     return torch.cat([value[: table.num_cls].float(), patch], dim=0), t_old
-
-
-def make_stage2_masks(cfg: ModelConfig, rng: SampleRNG, grid: tuple[int, int, int]) -> list[MaskInfo]:
-    """The step's two multi-block views from each clip's ``stage2_mask`` stream."""
-    s = cfg.stage2
-    return multiblock_masks(
-        len(rng), grid, rng.generators("stage2_mask"), small_blocks=s.small_blocks, small_scale=s.small_scale,
-        large_blocks=s.large_blocks, large_scale=s.large_scale, aspect=(s.aspect_min, s.aspect_max),
-        max_visible=s.max_visible,
-    )
-
-
-def build_stage2(cfg: Config) -> Stage2Model:
-    return Stage2Model(cfg.model, cfg.data.num_frames, cfg.data.img_size)

@@ -20,10 +20,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
+from ivfast.ops.attention import attention
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+
+@dataclass
+class TeacherConfig:
+    img_size: int = 256
+    patch_size: int = 16
+    width: int = 1536
+    depth: int = 40
+    heads: int = 16
+    mlp_dim: int = 6144
 
 
 @dataclass
@@ -45,8 +52,8 @@ def teacher_return_layers(depth: int, k: int, interval: float) -> list[int]:
 def prepare_teacher_input(
     video: torch.Tensor,
     size: int,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float],
+    std: Sequence[float],
     teacher_mean: Sequence[float] = (0.5, 0.5, 0.5),
     teacher_std: Sequence[float] = (0.5, 0.5, 0.5),
 ) -> torch.Tensor:
@@ -212,6 +219,11 @@ class SigLIPTeacher(nn.Module):
         self.head = SiglipMAPHead(width, heads, mlp_dim)
         self._frozen = False
         self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, cfg: TeacherConfig, return_layers: Sequence[int] = ()) -> "SigLIPTeacher":
+        return cls(img_size=cfg.img_size, patch_size=cfg.patch_size, width=cfg.width, depth=cfg.depth,
+                   heads=cfg.heads, mlp_dim=cfg.mlp_dim, return_layers=return_layers)
 
     @property
     def num_patches(self) -> int:

@@ -60,7 +60,8 @@ class LoadReport:
     loaded part that map to nothing (only with ``strict=False``; strict raises). ignored:
     keys of other parts (text tower, embeddings, MLM head, ...). truncated / skipped_layers:
     keys of checkpoint layers that were not taken. kept: our parameters deliberately not
-    loaded. layer_map: our layer index -> checkpoint layer index. notes: the warnings issued.
+    loaded. layer_map: our layer index -> checkpoint layer index. interpolated: key -> (t_old,
+    t_new) for position tables resampled in time. notes: the warnings issued.
     """
 
     path: str
@@ -73,6 +74,7 @@ class LoadReport:
     truncated: list = field(default_factory=list)
     kept: list = field(default_factory=list)
     layer_map: dict = field(default_factory=dict)
+    interpolated: dict = field(default_factory=dict)
     checkpoint_layers: int = 0
     source_dtypes: list = field(default_factory=list)
     config_checked: bool = False

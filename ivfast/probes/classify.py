@@ -1,14 +1,8 @@
-"""Action-recognition probe: attentive pooling (one learned query) + linear classifier.
-
-Recipe (supplement Table 5; the fine-tuning recipe, of which the frozen probe uses the head
-part): AdamW (0.9, 0.999), cosine schedule with warm-up epochs, label smoothing 0.1, cutmix
-(``cutmix_prob``, ``cutmix_alpha``; Table 5: 1.0), horizontal flip except SSv2 (``flip``),
-RandAug(9, 0.5) (``randaug``, :mod:`ivfast.probes.randaug`), repeated augmentation x2
-(``repeated_aug``, :class:`ivfast.probes.loop.KeyBatches`). Layer-wise lr decay (0.75 B /
-0.85 L) is for fine-tuning the backbone: :func:`layer_decay_groups` builds those parameter
-groups; the frozen probe has no backbone parameters to decay, so ``classify.layer_decay``
-must stay 1.0. Clips load in ``num_workers`` DataLoader workers. Metrics: top-1 and top-5
-accuracy (%).
+"""Action-recognition probe: attentive pooling (one learned query) + a linear classifier,
+trained with label smoothing, optional cutmix, flip, RandAugment (:mod:`ivfast.probes.randaug`)
+and repeated augmentation (:class:`ivfast.probes.loop.KeyBatches`). Metrics: top-1 and top-5
+accuracy (%). :func:`layer_decay_groups` is for fine-tuning the backbone: the frozen probe
+has no backbone parameters, so ``classify.layer_decay`` must stay 1.0.
 """
 from __future__ import annotations
 
@@ -18,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ivfast.data.collate import collate_skip_bad
-from ivfast.models.attention import attention
+from ivfast.ops.attention import attention
 from ivfast.probes.config import ProbeConfig
 from ivfast.probes.features import FeatureCache, FrozenBackbone, load_encoder, tokens_for
 from ivfast.probes.loop import KeyBatches, make_loader, pick_device, run_training
@@ -98,7 +92,7 @@ def cutmix(video: torch.Tensor, target: torch.Tensor, alpha: float, rng: np.rand
 
 
 def layer_decay_groups(encoder, decay: float, weight_decay: float = 0.05, base_lr: float | None = None) -> list[dict]:
-    """Parameter groups for fine-tuning ``encoder`` with layer-wise lr decay (BEiT).
+    """Parameter groups for fine-tuning ``encoder`` with layer-wise lr decay.
 
     Layer ids: patch embedding, CLS tokens and position table 0, block i -> i + 1, anything
     else (final norms) depth + 1. Group ``lr_scale`` = decay ** (depth + 1 - id); biases and

@@ -49,16 +49,16 @@ class ClassifyConfig:
     synthetic_val: int = 32
     heads: int = 8  # attentive-pooling heads
     label_smoothing: float = 0.1
-    cutmix_prob: float = 0.0  # Table 5 fine-tuning: 1.0
+    cutmix_prob: float = 0.0  # chance that a training batch is cut-mixed
     cutmix_alpha: float = 1.0
-    flip: bool = True  # Table 5: off for SSv2
-    # RandAug(9, 0.5) of Table 5 (ivfast/probes/randaug.py): training clips only
+    flip: bool = True  # random horizontal flip of training clips
+    # RandAugment (ivfast/probes/randaug.py), training clips only
     randaug: bool = False
-    randaug_ops: int = 2  # N ops per clip: the RandAugment default when the recipe names only (M, std)
+    randaug_ops: int = 2  # ops drawn per clip
     randaug_magnitude: float = 9.0  # of 10
     randaug_magnitude_std: float = 0.5
-    randaug_prob: float = 0.5  # chance that each drawn op is applied (timm / DeiT convention)
-    repeated_aug: int = 1  # Table 5: 2; each training clip k times per epoch, batch_size counts the copies
+    randaug_prob: float = 0.5  # chance that each drawn op is applied
+    repeated_aug: int = 1  # each training clip k times per epoch; batch_size counts the copies
     layer_decay: float = 1.0  # fine-tuning only (see classify.layer_decay_groups); frozen probe: must be 1.0
 
 
@@ -67,10 +67,10 @@ class DepthConfig:
     data: Literal["synthetic", "dir"] = "synthetic"
     train_dirs: List[str] = field(default_factory=list)
     val_dirs: List[str] = field(default_factory=list)
-    window: int = 16  # KITTI 32, ScanNet 16
-    stride: int = 5  # KITTI 10, ScanNet 5
-    min_depth: float = 0.001  # KITTI 0.1, ScanNet 0.001
-    max_depth: float = 10.0  # KITTI 80, ScanNet 10
+    window: int = 16  # frames per window
+    stride: int = 5  # frames between window starts
+    min_depth: float = 0.001  # valid ground truth: [min_depth, max_depth] metres
+    max_depth: float = 10.0
     img_size: int = 224
     width: int = 1536
     heads: int = 16

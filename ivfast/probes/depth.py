@@ -1,21 +1,6 @@
-"""Video depth probe: learned per-patch queries cross-attend the frozen tokens (Scaling 4D's
-"simple" head, width 1536 by default) and predict one log-depth per patch, upsampled
-bilinearly to pixels. Long videos are cut into sliding windows (KITTI 32 / stride 10,
-ScanNet 16 / stride 5) and the predictions of overlapping windows are averaged per frame.
-
-Metrics over the valid pixels (ground truth in ``[min_depth, max_depth]``; predictions are
-clamped to that range), pooled over every pixel of every frame of the split:
-AbsRel = mean(|D - D_hat| / D); delta1 = share of pixels with max(D / D_hat, D_hat / D) < 1.25.
-Training loss: L1 between predicted and true log depth over the valid pixels.
-
-Directory layout read by :func:`read_depth_dir` (one video per directory)::
-
-    VIDEO/frames/000000.png   (or .npy: uint8 (H, W, 3)); any sortable names
-    VIDEO/depth/000000.npy    float (H, W) metres, same stem as its frame; <= 0 or NaN = no data
-
-Training clips are resized to ``img_size`` (depth nearest-neighbour); evaluation compares
-at the depth maps' own resolution.
-"""
+"""Video depth probe: learned per-patch queries cross-attend the frozen tokens and predict one
+log-depth per patch; long videos are cut into sliding windows whose predictions are averaged
+per frame. Metrics: AbsRel and delta1 (:func:`depth_error_sums`)."""
 from __future__ import annotations
 
 import os
@@ -26,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ivfast.models.attention import attention
+from ivfast.ops.attention import attention
 from ivfast.probes.config import ProbeConfig
 from ivfast.probes.features import FeatureCache, FrozenBackbone, load_encoder, tokens_for
 from ivfast.probes.loop import epoch_order, pick_device, run_training
@@ -34,7 +19,12 @@ from ivfast.probes.loop import epoch_order, pick_device, run_training
 
 # ----------------------------------------------------------------------------- metrics
 def depth_error_sums(pred: torch.Tensor, gt: torch.Tensor, min_depth: float, max_depth: float) -> dict:
-    """Sums for pooled metrics: ``{"abs_rel_sum", "delta1_count", "num_pixels"}`` over valid pixels."""
+    """Sums for metrics pooled over every pixel of a split: ``{"abs_rel_sum", "delta1_count", "num_pixels"}``.
+
+    Valid pixels: ground truth D finite and in ``[min_depth, max_depth]``; predictions D_hat
+    are clamped to that range. AbsRel = mean(|D - D_hat| / D); delta1 = share of valid
+    pixels with max(D / D_hat, D_hat / D) < 1.25 (:func:`finish_depth_metrics`).
+    """
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in shape")
     gt = gt.double()
@@ -53,7 +43,7 @@ def finish_depth_metrics(s: dict) -> dict:
 
 
 def depth_metrics(pred, gt, min_depth: float, max_depth: float) -> dict:
-    """AbsRel and delta1 of one prediction (see the module docstring)."""
+    """AbsRel and delta1 of one prediction (see :func:`depth_error_sums`)."""
     return finish_depth_metrics(depth_error_sums(torch.as_tensor(pred), torch.as_tensor(gt), min_depth, max_depth))
 
 
@@ -85,7 +75,8 @@ def average_windows(preds: list[tuple[int, torch.Tensor]], n: int) -> torch.Tens
 
 
 # ----------------------------------------------------------------------------- data
-def _read_image(path: str) -> np.ndarray:
+def read_image(path: str) -> np.ndarray:
+    """One frame as uint8 (H, W, 3): a ``.npy`` array, or an image file decoded by PyAV."""
     if path.endswith(".npy"):
         return np.load(path)
     import av
@@ -95,7 +86,11 @@ def _read_image(path: str) -> np.ndarray:
 
 
 def read_depth_dir(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(frames uint8 (N, H, W, 3), depth float32 (N, H, W))`` of one video directory."""
+    """``(frames uint8 (N, H, W, 3), depth float32 (N, H, W))`` of one video directory::
+
+        VIDEO/frames/000000.png   (or .jpg, or .npy: uint8 (H, W, 3)); any sortable names
+        VIDEO/depth/000000.npy    float (H, W) metres, same stem as its frame; <= 0 or NaN = no data
+    """
     fdir, ddir = os.path.join(path, "frames"), os.path.join(path, "depth")
     for d in (fdir, ddir):
         if not os.path.isdir(d):
@@ -109,7 +104,7 @@ def read_depth_dir(path: str) -> tuple[np.ndarray, np.ndarray]:
         dp = os.path.join(ddir, stem + ".npy")
         if not os.path.isfile(dp):
             raise FileNotFoundError(f"depth video {path}: frame {name} has no depth map {dp}")
-        img = _read_image(os.path.join(fdir, name))
+        img = read_image(os.path.join(fdir, name))
         if img.ndim != 3 or img.shape[2] != 3:
             raise ValueError(f"{os.path.join(fdir, name)}: expected an RGB image (H, W, 3), got {img.shape}")
         dm = np.load(dp)
@@ -211,6 +206,7 @@ class DepthHead(nn.Module):
 
 
 def log_l1_loss(pred: torch.Tensor, gt: torch.Tensor, min_depth: float, max_depth: float) -> torch.Tensor:
+    """Mean |log D_hat - log D| over the valid pixels (0, still differentiable, when there are none)."""
     valid = torch.isfinite(gt) & (gt >= min_depth) & (gt <= max_depth)
     if not valid.any():
         return pred.sum() * 0.0
@@ -228,6 +224,8 @@ def load_videos(cfg: ProbeConfig, split: str) -> list[tuple[np.ndarray, np.ndarr
 
 
 def run(cfg: ProbeConfig) -> dict:
+    """Train on ``img_size`` windows (depth resized nearest-neighbour); evaluate at the depth
+    maps' own resolution, overlapping windows averaged per frame."""
     d = cfg.depth
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)

@@ -1,12 +1,5 @@
-"""The frozen backbone of a probe: loading, batched token extraction, an on-disk feature cache.
-
-:func:`load_backbone` builds the ``VideoEncoder`` from a ``BackboneConfig`` (export directory,
-training checkpoint + run config, or random); :class:`FrozenBackbone` runs it under
-``torch.no_grad`` in eval mode with every parameter frozen and returns the tokens of the
-chosen block; :class:`FeatureCache` stores one sample's tokens as
-``DIR/<split>/<index:08d>.safetensors`` (key ``tokens``), so only deterministic inputs (eval
-splits, training without random augmentation) may be cached.
-"""
+"""The frozen backbone of a probe: loading (:func:`load_encoder`), token extraction
+(:class:`FrozenBackbone`) and an on-disk feature cache (:class:`FeatureCache`)."""
 from __future__ import annotations
 
 import os
@@ -93,7 +86,11 @@ class FrozenBackbone(nn.Module):
 
 
 class FeatureCache:
-    """Token features on disk, one safetensors file per (split, sample index)."""
+    """Token features on disk: ``ROOT/<split>/<index:08d>.safetensors`` (key ``tokens``).
+
+    A cached sample is never recomputed, so only deterministic inputs (eval splits, training
+    without random augmentation) may be cached.
+    """
 
     def __init__(self, root: str, split: str):
         self.dir = os.path.join(root, split)

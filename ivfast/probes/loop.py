@@ -1,17 +1,5 @@
-"""The head-training loop shared by the probes.
-
-AdamW over the head's parameters (no weight decay on biases and 1-d parameters), linear
-warm-up then cosine decay to ``min_lr``, a tqdm progress bar, ``OUT/metrics.jsonl`` (one JSON
-object per logged step; the final evaluation as ``{"eval": {...}}``), ``OUT/results.json``,
-and a resumable checkpoint in ``OUT/checkpoints``: ``head_<step>.safetensors`` +
-``optim_<step>.safetensors`` written atomically first, then ``state.json`` (which names the
-step) replaced atomically and fsynced; older step files are removed after. A crash
-between the writes leaves the previous ``state.json`` pointing at complete files.
-
-Also the batch order of the probes (:func:`epoch_order`; :class:`KeyBatches`, which adds
-per-sample augmentation seeds and repeated augmentation) and :func:`make_loader`, the
-DataLoader (``num_workers``, persistent workers) around a data set keyed ``(index, seed)``.
-"""
+"""The head-training loop shared by the probes, its resumable checkpoint, and the batch order
+(:func:`epoch_order`, :class:`KeyBatches`, :func:`make_loader`)."""
 from __future__ import annotations
 
 import json
@@ -23,9 +11,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 
-from ivfast.models.sample_rng import _mix
+from ivfast.checkpoint_io import atomic_write_text, save_safetensors
 from ivfast.probes.config import ProbeConfig
-from ivfast.training.checkpoint import _fsync_write
+from ivfast.rng import mix64
 from ivfast.training.metrics import MetricsWriter, Progress
 
 
@@ -39,6 +27,7 @@ def cosine_lr(step: int, total: int, lr: float, min_lr: float, warmup: int) -> f
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups of the trainable parameters: no weight decay on biases and 1-d parameters."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
@@ -52,8 +41,9 @@ def _ckpt_dir(out_dir: str) -> str:
 
 
 def save_checkpoint(out_dir: str, head: nn.Module, opt: torch.optim.Optimizer, step: int, extra: dict) -> None:
-    from ivfast.checkpoint_io import save_safetensors
-
+    """Write ``OUT/checkpoints``: ``head_<step>.safetensors`` and ``optim_<step>.safetensors``
+    (each atomic), then ``state.json`` (naming the step; replaced atomically), then delete the
+    other steps' files. A crash at any point leaves ``state.json`` naming complete files."""
     d = _ckpt_dir(out_dir)
     os.makedirs(d, exist_ok=True)
     save_safetensors(head.state_dict(), os.path.join(d, f"head_{step:08d}.safetensors"))
@@ -68,7 +58,7 @@ def save_checkpoint(out_dir: str, head: nn.Module, opt: torch.optim.Optimizer, s
     save_safetensors(tensors, os.path.join(d, f"optim_{step:08d}.safetensors"))
     state = {"step": step, "optim_scalars": meta, "param_groups": [{k: v for k, v in g.items() if k != "params"}
                                                                     for g in osd["param_groups"]], **extra}
-    _fsync_write(os.path.join(d, "state.json"), json.dumps(state, indent=1))
+    atomic_write_text(os.path.join(d, "state.json"), json.dumps(state, indent=1))
     for name in os.listdir(d):
         if name.endswith(".safetensors") and not name.endswith(f"_{step:08d}.safetensors"):
             os.remove(os.path.join(d, name))
@@ -111,6 +101,11 @@ def run_training(
     evaluate: Callable[[], dict] | None = None,
 ) -> dict:
     """Train ``head`` and evaluate it; returns ``{"step", "losses", "eval"}``.
+
+    AdamW over :func:`param_groups`, lr from :func:`cosine_lr`; writes ``OUT/metrics.jsonl``
+    (one JSON object per logged step, the final evaluation as ``{"eval": {...}}``),
+    ``OUT/results.json`` and, every ``save_every`` steps, :func:`save_checkpoint`; with
+    ``resume = auto`` it starts from that checkpoint.
 
     ``epoch_batches(epoch, start)`` yields the batches of one epoch from batch ``start`` on, in
     a deterministic order (a function of the seed and epoch), so a resumed run starts after
@@ -165,7 +160,7 @@ def run_training(
     finally:
         bar.close()
         writer.close()
-    _fsync_write(os.path.join(out, "results.json"), json.dumps({"step": step, **results}, indent=1))
+    atomic_write_text(os.path.join(out, "results.json"), json.dumps({"step": step, **results}, indent=1))
     return {"step": step, "losses": losses, "eval": results}
 
 
@@ -200,7 +195,7 @@ class KeyBatches(Sampler):
     indices k times, copy r after copy r - 1 (``[a, b, c, a, b, c]``), so a sample's copies
     never sit side by side (batch mixing that pairs neighbours pairs different clips) and
     every sample appears k times per epoch. Copy r of sample i in epoch e gets seed
-    ``_mix(seed, e, i, r)``, a different augmentation draw per copy and epoch;
+    ``mix64(seed, e, i, r)``, a different augmentation draw per copy and epoch;
     ``fixed_seed`` gives every key that seed instead (one fixed view, e.g. for feature
     caching). :meth:`set_position` picks the epoch and first batch of the next iteration.
     """
@@ -222,7 +217,7 @@ class KeyBatches(Sampler):
     def batches(self, epoch: int) -> list[list[tuple[int, int]]]:
         out = []
         for idx in epoch_order(self.n, self.per_batch, self.seed, epoch, self.shuffle):
-            out.append([(i, self.fixed_seed if self.fixed_seed is not None else _mix(self.seed, epoch, i, r))
+            out.append([(i, self.fixed_seed if self.fixed_seed is not None else mix64(self.seed, epoch, i, r))
                         for r in range(self.repeats) for i in idx])
         return out
 

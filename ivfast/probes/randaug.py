@@ -1,31 +1,6 @@
-"""RandAugment for video clips, in plain torch, on uint8 ``(T, H, W, C)`` frames.
-
-Table 5's ``RandAug(9, 0.5)``: magnitude 9 on a 0-10 scale with Gaussian magnitude noise of
-std 0.5. Per clip, :meth:`RandAugment.draw` picks ``num_ops`` operations uniformly from
-:data:`OPS` (with replacement); each is applied with probability ``prob`` at magnitude
-``clip(N(magnitude, magnitude_std), 0, 10)`` and, for the signed ops, a random sign. The plan
-is drawn once per clip from a numpy ``Generator`` and the same ops, magnitudes and signs act
-on every frame (temporal consistency). The data-dependent ops (AutoContrast, Equalize,
-Contrast) take their statistics over the whole clip, per channel, so every frame also gets
-the same intensity mapping.
-
-``num_ops`` defaults to 2, the RandAugment default that Table 5's ``(9, 0.5)`` notation
-(timm's ``rand-m9-mstd0.5``) implies when N is not written; VideoMAE-style recipes that
-write ``rand-m7-n4`` use 4. ``prob`` 0.5 per op is the timm / DeiT convention.
-
-Magnitude m (0..10) -> argument, severity increasing with m:
-Rotate 30 m/10 degrees; ShearX/Y 0.3 m/10; TranslateX/Y 0.45 m/10 of the side; Posterize
-keeps 8 - round(4 m/10) bits; Solarize inverts pixels >= 256 (1 - m/10); SolarizeAdd adds
-110 m/10 to pixels < 128; Color/Contrast/Brightness/Sharpness blend factor 1 +- 0.9 m/10.
-AutoContrast, Equalize and Invert ignore m. Geometric ops sample bilinearly around the
-frame centre (pixel centres at integer coordinates) and fill uncovered pixels with
-``fill`` (default: the ImageNet mean, which normalises to 0).
-
-:class:`RandAugClips` applies it to the clips of a data set keyed ``(index, seed)`` whose
-items are normalised float videos: back to uint8 (exact for clips that were uint8 before
-normalising, as decoded videos are), RandAugment, normalised again. It thus runs after the
-crop, resize and flip (the timm order), on the smaller frames.
-"""
+"""RandAugment for video clips, in plain torch, on uint8 ``(T, H, W, C)`` frames: one plan of
+ops, magnitudes and signs per clip, applied identically to every frame (temporal
+consistency); the data-dependent ops take their statistics over the whole clip."""
 from __future__ import annotations
 
 import math
@@ -207,7 +182,14 @@ class OpDraw:
 
 
 def apply_op(x: torch.Tensor, op: OpDraw, fill: Sequence[int]) -> torch.Tensor:
-    """Apply one drawn op to uint8 (T, H, W, C) frames (the magnitude mapping of the module docstring)."""
+    """Apply one drawn op to uint8 (T, H, W, C) frames.
+
+    Magnitude m (0..10) -> argument, severity increasing with m: Rotate 30 m/10 degrees;
+    ShearX/Y 0.3 m/10; TranslateX/Y 0.45 m/10 of the side; Posterize keeps 8 - round(4 m/10)
+    bits; Solarize inverts pixels >= 256 (1 - m/10); SolarizeAdd adds 110 m/10 to pixels <
+    128; Color/Contrast/Brightness/Sharpness blend factor 1 +- 0.9 m/10. AutoContrast,
+    Equalize and Invert ignore m. The signed ops take ``op.sign``.
+    """
     m = op.magnitude / MAX_MAGNITUDE
     s = op.sign
     n = op.name
@@ -240,7 +222,14 @@ def apply_op(x: torch.Tensor, op: OpDraw, fill: Sequence[int]) -> torch.Tensor:
 
 
 class RandAugment:
-    """``RandAugment(num_ops, magnitude, magnitude_std, prob, fill)(frames, rng)``; see the module docstring.
+    """``RandAugment(num_ops, magnitude, magnitude_std, prob, fill)(frames, rng)``.
+
+    Per clip, :meth:`draw` picks ``num_ops`` operations uniformly from ``ops`` (with
+    replacement); each is applied with probability ``prob``, at magnitude
+    ``clip(N(magnitude, magnitude_std), 0, 10)`` (see :func:`apply_op`) and, for the signed
+    ops, a random sign; the same plan acts on every frame. Geometric ops sample bilinearly
+    around the frame centre and fill uncovered pixels with ``fill`` (default: the ImageNet
+    mean, which normalises to 0).
 
     ``frames``: uint8 (T, H, W, C), a torch tensor or a numpy array (the result has the same
     type). ``rng``: a ``numpy.random.Generator``, one per sample, so a run is reproducible.
@@ -297,10 +286,13 @@ RANDAUG_STREAM = 0x52414E44
 
 
 class RandAugClips(Dataset):
-    """``base`` with RandAugment on every readable clip; see the module docstring.
+    """``base`` with RandAugment on every readable clip.
 
     ``base[(index, seed)]`` -> ``{"video": float (C, T, H, W) normalised with ``mean`` /
-    ``std``, ...}`` or None. The plan comes from ``default_rng([seed, RANDAUG_STREAM])``.
+    ``std``, ...}`` or None. Each clip goes back to uint8 (exact for clips that were uint8
+    before normalising, as decoded videos are), through RandAugment, and is normalised again;
+    so it runs after the crop, resize and flip, on the smaller frames. The plan comes from
+    ``default_rng([seed, RANDAUG_STREAM])``.
     """
 
     def __init__(self, base, randaug: RandAugment, mean: Sequence[float] = IMAGENET_MEAN,

@@ -1,28 +1,10 @@
-"""Box-tracking probe (Waymo protocol of Scaling 4D, supplement B.4).
+"""Box-tracking probe: given an object's box in the first frame of a window, predict its boxes
+in the other frames from the frozen tokens. Metric: IoU averaged over the (object, frame >= 2)
+pairs with a ground-truth box (:func:`mean_iou`).
 
-Preprocessing (:func:`preprocess_boxes`, :func:`preprocess_frames`): frames H x W (1280 x 1920)
-are resized to ``resize`` (224 x 336) and centre-cropped to ``crop`` x ``crop`` (224); boxes
-(pixel ``x0 y0 x1 y1`` in the source frame) are scaled the same way, shifted by the crop
-offset and clipped to the crop; a box whose clipped area is under ``min_area`` (0.5 %) of the
-crop is dropped (a box wholly in the cut-away margin has area 0). Time: ``src_fps`` (10) ->
-``fps`` (5) by keeping every (src_fps / fps)-th frame.
-
-Windows (:func:`check_window`, :func:`build_windows`): ``window`` (16) frames, tried at every
-``stride`` (1) frames; a window is kept when it has ``min_objects``..``max_objects`` (1..25)
-objects in its first frame, each of them present in >= ``min_presence`` (70 %) of the
-window's frames, all of them together in >= ``min_cooccur`` (10) frames, and none missing
-for more than ``max_gap`` (5) consecutive frames; a kept window's start is at least
-``min_start_gap`` (3) frames after the previous kept start (greedy, in time order).
-
-Head (:class:`TrackHead`): an MLP query encoder of the first-frame boxes, one cross-attention
-layer over the frozen tokens, a linear regression of the boxes of frames 2..T (as offsets of
-the first-frame box). Loss: SmoothL1 (1.0) + GIoU loss (0.5) over (object, frame) pairs with
-a ground-truth box. Metric: IoU averaged over those pairs (objects x frames 2..T).
-
-Annotations for ``track.data = json``: a JSON file
-``{"videos": [{"frames_dir": DIR, "height": H, "width": W, "fps": 10,
-"boxes": [{"<object id>": [x0, y0, x1, y1], ...}, ... one mapping per frame]}]}``; ``DIR``
-(relative to the JSON file) holds the frames in sorted order (``.png``/``.jpg``/``.npy``).
+Pipeline: :func:`preprocess_boxes` / :func:`preprocess_frames` (resize, centre crop),
+:func:`downsample` (frame rate), :func:`build_windows` (which windows are kept),
+:class:`TrackHead`, :func:`track_loss`.
 """
 from __future__ import annotations
 
@@ -35,8 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ivfast.models.attention import attention
+from ivfast.ops.attention import attention
 from ivfast.probes.config import ProbeConfig, TrackConfig
+from ivfast.probes.depth import read_image
 from ivfast.probes.features import FeatureCache, FrozenBackbone, load_encoder, tokens_for
 from ivfast.probes.loop import epoch_order, pick_device, run_training
 
@@ -69,6 +52,10 @@ def generalized_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def preprocess_boxes(boxes: dict, t: TrackConfig, where: str = "") -> dict:
     """Source-pixel xyxy boxes of one frame -> crop-pixel boxes (numpy float64), small ones dropped.
 
+    Boxes are scaled as the frame is resized (``src`` -> ``resize``), shifted by the centre
+    crop's offset and clipped to the crop; a box whose clipped area is under ``min_area`` of
+    the crop is dropped (one wholly in the cut-away margin has area 0).
+
     A box that is not inside the source frame (or has x1 <= x0 / y1 <= y0) is a ValueError."""
     sh, sw = t.src_height, t.src_width
     sy, sx = t.resize_height / sh, t.resize_width / sw
@@ -89,6 +76,7 @@ def preprocess_boxes(boxes: dict, t: TrackConfig, where: str = "") -> dict:
 
 
 def downsample(seq: list, src_fps: int, fps: int) -> list:
+    """Every (src_fps / fps)-th item, from the first; ``fps`` must divide ``src_fps``."""
     if src_fps % fps:
         raise ValueError(f"fps {fps} does not divide the source fps {src_fps}")
     return seq[:: src_fps // fps]
@@ -107,7 +95,13 @@ def preprocess_frames(frames: np.ndarray, t: TrackConfig) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- windows
 def check_window(frames: list[dict], start: int, t: TrackConfig) -> str | None:
-    """Why the window at ``start`` fails the rules (a short reason), or None when it passes."""
+    """Why the window at ``start`` fails the rules (a short reason), or None when it passes.
+
+    A window of ``window`` frames passes when it has ``min_objects``..``max_objects`` objects
+    in its first frame, each present in >= ``min_presence`` of its frames and missing for at
+    most ``max_gap`` consecutive frames, and all of them present together in >=
+    ``min_cooccur`` frames.
+    """
     win = frames[start:start + t.window]
     if len(win) < t.window:
         return "too short"
@@ -130,7 +124,9 @@ def check_window(frames: list[dict], start: int, t: TrackConfig) -> str | None:
 
 
 def build_windows(frames: list[dict], t: TrackConfig) -> list[tuple[int, list[str]]]:
-    """Kept windows ``(start, first-frame object ids)`` of one preprocessed, downsampled video."""
+    """Kept windows ``(start, first-frame object ids)`` of one preprocessed, downsampled video:
+    starts tried every ``stride`` frames in time order, greedily, a kept start at least
+    ``min_start_gap`` frames after the previous kept one, each passing :func:`check_window`."""
     out, last = [], None
     for s in range(0, len(frames) - t.window + 1, t.stride):
         if last is not None and s - last < t.min_start_gap:
@@ -170,6 +166,13 @@ def synthetic_track_video(n: int, t: TrackConfig, seed: int):
 
 
 def read_annotations(path: str) -> list[dict]:
+    """The videos of an annotation file (``track.data = json``), ``frames_dir`` made absolute::
+
+        {"videos": [{"frames_dir": DIR, "height": H, "width": W, "fps": 10,
+                     "boxes": [{"<object id>": [x0, y0, x1, y1], ...}, ... one mapping per frame]}]}
+
+    ``DIR`` (relative to the JSON file) holds the frames in sorted order (``.png``/``.jpg``/``.npy``).
+    """
     with open(path) as f:
         data = json.load(f)
     videos = data.get("videos") if isinstance(data, dict) else None
@@ -182,10 +185,8 @@ def read_annotations(path: str) -> list[dict]:
 
 
 def _load_frames(frames_dir: str) -> np.ndarray:
-    from ivfast.probes.depth import _read_image
-
     names = sorted(f for f in os.listdir(frames_dir) if f.endswith((".png", ".jpg", ".npy")))
-    return np.stack([_read_image(os.path.join(frames_dir, n)) for n in names])
+    return np.stack([read_image(os.path.join(frames_dir, n)) for n in names])
 
 
 class TrackWindows:
@@ -253,7 +254,12 @@ def _cxcywh(b):
 
 
 class TrackHead(nn.Module):
-    """first boxes (B, K, 4) + tokens (B, N, dim) -> boxes of frames 2..T (B, T-1, K, 4), xyxy in [0, 1]."""
+    """first boxes (B, K, 4) + tokens (B, N, dim) -> boxes of frames 2..T (B, T-1, K, 4), xyxy in [0, 1].
+
+    An MLP encodes each first-frame box into a query; one cross-attention layer over the
+    tokens; a linear layer regresses, per later frame, the box as an offset of the first one
+    (centre shift in units of its size, log scale of width and height, clamped to +-4).
+    """
 
     def __init__(self, dim: int, width: int, heads: int, window: int):
         super().__init__()

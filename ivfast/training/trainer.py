@@ -1,9 +1,9 @@
-"""The training loop on a DeepSpeed engine, for either stage (see ``tasks.py``).
+"""The training loop on a DeepSpeed engine, for either stage (the step: ``step.py``).
 
-Per micro-batch: load -> the task's forward (Stage 1: teacher, mask, student losses) -> one
-all-reduce of [losses, bad-video counts, stop request] -> backward + step, or a skip on
-every rank when any rank's loss is NaN/Inf. Checkpoints at optimiser-step boundaries
-carry the data position, so a resumed run sees the same batches in the same order.
+Per micro-batch: load -> the step's forward -> one all-reduce of [losses, bad-video counts,
+stop request] -> backward + optimiser step, or a skip on every rank when any rank's loss is
+NaN/Inf. Checkpoints at optimiser-step boundaries carry the data position, so a resumed run
+sees the same batches in the same order.
 """
 from __future__ import annotations
 
@@ -18,13 +18,15 @@ import torch
 
 from ivfast.config import Config, save_config
 from ivfast.data.loader import build_dataset, build_loader
-from ivfast.models.sample_rng import SampleRNG, _mix
+from ivfast.models.layers import count_parameters
+from ivfast.ops.attention import describe_backend
+from ivfast.rng import SampleRNG, mix64
 from ivfast.training import checkpoint, distributed
-from ivfast.training.ds_config import deepspeed_config
-from ivfast.memory.tracker import PhaseTracker, phase, watch_stage1
+from ivfast.training.engine import build_engine, init_runtime
 from ivfast.training.metrics import MetricsWriter, Progress, peak_memory_mb
-from ivfast.training.optim import LRSchedule, build_optimizer
-from ivfast.training.tasks import build_task
+from ivfast.training.optim import LRSchedule
+from ivfast.training.phase_tracker import PhaseTracker, phase, watch_stage1
+from ivfast.training.step import build_step
 
 log = logging.getLogger("ivfast.train")
 
@@ -50,17 +52,12 @@ def _setup_logging(is_main: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _count_params(module: torch.nn.Module, trainable: bool) -> int:
-    """Parameter count; under ZeRO-3 a partitioned parameter reports its full size as ``ds_numel``."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad or not trainable)
-
-
 def train(cfg: Config) -> dict:
     """Run (or resume) the training described by ``cfg``; returns a summary dict."""
-    device_kind = distributed.choose_device(cfg.train.device)
-    dist = distributed.init(device_kind, cfg.deepspeed.cpu_shm)
+    rt = init_runtime(cfg)
+    dist = rt.dist
+    device_kind = rt.device.type
     _setup_logging(dist.is_main)
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device_kind == "cuda")
     out_dir = cfg.output_dir
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     if dist.is_main:
@@ -68,21 +65,14 @@ def train(cfg: Config) -> dict:
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
     distributed.barrier()
 
-    import deepspeed
-
-    from ivfast.models.attention import describe_backend, set_backend
-
-    set_backend(cfg.model.attention)
-    torch.manual_seed(cfg.train.seed)
-    task = build_task(cfg)
-    model = task.model
-    task.to(dist.device, torch.bfloat16 if bf16 else torch.float32)
-    task.tracker = PhaseTracker.for_device(dist.device)  # peaks per phase on the logged steps (CUDA)
+    step = build_step(cfg)
+    model = step.model
+    step.tracker = PhaseTracker.for_device(dist.device)  # peaks per phase on the logged steps (CUDA)
     if cfg.model.stage == 1:
-        watch_stage1(task.tracker, model)
-    dataset = build_dataset(cfg)
-    loader, sampler = build_loader(cfg, dataset, dist.rank, dist.world, pin_memory=device_kind == "cuda",
-                                   dtype=torch.bfloat16 if bf16 else torch.float32)
+        watch_stage1(step.tracker, model)
+    dataset = build_dataset(cfg.data)
+    loader, sampler = build_loader(cfg.data, dataset, rank=dist.rank, world=dist.world, seed=cfg.train.seed,
+                                   pin_memory=device_kind == "cuda", dtype=rt.dtype)
 
     ga = cfg.train.grad_accum
     steps_per_epoch = len(sampler) // ga
@@ -91,10 +81,7 @@ def train(cfg: Config) -> dict:
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     warmup = cfg.train.warmup_steps or round(cfg.train.warmup_epochs * steps_per_epoch)
     schedule = LRSchedule(cfg.train.lr, cfg.train.min_lr, total_steps, warmup)
-    optimizer = build_optimizer(model, cfg.train, dist.device)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, bf16), dist_init_required=False
-    )
+    engine = build_engine(cfg, step, rt)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "bad_videos": 0, "samples": 0}
     resumed_from = checkpoint.find_resume(ckpt_dir) if cfg.train.resume == "auto" else None
@@ -103,8 +90,8 @@ def train(cfg: Config) -> dict:
     if dist.is_main:
         what = f"Stage 1 ({cfg.model.recon} recon)" if cfg.model.stage == 1 else "Stage 2"
         log.info("ivfast %s on %d x %s, %s, ZeRO-%d; %.2f M trainable params, %.2f M frozen (teacher)",
-                 what, dist.world, device_kind, "bf16" if bf16 else "fp32", cfg.deepspeed.zero_stage,
-                 _count_params(model, True) / 1e6, task.frozen_params() / 1e6)
+                 what, dist.world, device_kind, "bf16" if rt.bf16 else "fp32", cfg.deepspeed.zero_stage,
+                 count_parameters(model, trainable=True) / 1e6, step.frozen_params() / 1e6)
         log.info("attention: %s", describe_backend(dist.device))
         log.info("%d samples, %d steps per epoch, %d steps in all (warmup %d); %s", len(dataset), steps_per_epoch,
                  total_steps, warmup, f"resuming from {resumed_from} at step {state['step']}" if resumed_from
@@ -128,7 +115,7 @@ def train(cfg: Config) -> dict:
                     break
                 accum.data_time += time.perf_counter() - t0
                 state["batch_in_epoch"] += 1
-                result = _micro_step(engine, task, batch, cfg, dist, state, stop, schedule)
+                result = _micro_step(engine, step, batch, cfg, dist, state, stop, schedule)
                 state["bad_videos"] += result["bad"]
                 state["samples"] += result["clips"]
                 if result["skipped"]:
@@ -209,7 +196,7 @@ class _StepAccumulator:
         return rec
 
 
-def _micro_step(engine, task, batch, cfg: Config, dist, state: dict, stop: StopRequested,
+def _micro_step(engine, step, batch, cfg: Config, dist, state: dict, stop: StopRequested,
                 schedule: LRSchedule) -> dict:
     """Forward, cross-rank agreement, then backward/step or a skip. Returns what the loop logs."""
     video = batch["video"]
@@ -219,17 +206,17 @@ def _micro_step(engine, task, batch, cfg: Config, dist, state: dict, stop: StopR
     # Randomness follows the data position: drop-path draws (global RNG, per rank) and the
     # per-sample streams (masks, diffusion noise) are seeded from (epoch, batch in epoch).
     position = state["epoch"] * 10**9 + state["batch_in_epoch"]
-    torch.manual_seed(_mix(cfg.train.seed, position, dist.rank))
-    keys = task.loss_names
+    torch.manual_seed(mix64(cfg.train.seed, position, dist.rank))
+    keys = step.loss_names
     out = None
-    tracker = getattr(task, "tracker", None)
+    tracker = step.tracker
     if tracker is not None:  # on the steps that get logged
         tracker.set_active(dist.is_main and (state["step"] + 1) % cfg.train.log_every == 0)
     if n_good:
         video = video.to(dist.device, non_blocking=True)
         rng = SampleRNG.for_step(cfg.train.seed, position, batch["index"].tolist(), dist.device)
         with phase(tracker, "forward"):
-            out = task.forward(engine, video, rng)
+            out = step.forward(engine, video, rng)
     # One all-reduce: loss components (summed), counts, stop request.
     n_keys = len(keys)
     vec = torch.zeros(n_keys + 4, dtype=torch.float64, device=dist.device)
@@ -260,7 +247,7 @@ def _micro_step(engine, task, batch, cfg: Config, dist, state: dict, stop: StopR
     if tracker is not None:
         result["mem"] = tracker.record()
     if boundary:
-        task.after_step(engine)
+        step.after_step(engine)
         gn = engine.get_global_grad_norm() if grad_norm is None else grad_norm
         result["grad_norm"] = float(gn) if gn is not None else None
     return result

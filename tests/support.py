@@ -1,0 +1,50 @@
+"""Helpers shared by the test folders: subprocess environments and the kernel tolerance rule."""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Set by an in-process ``distributed.init`` earlier in the session (its store still holds
+# MASTER_PORT): a training subprocess must pick its own rendezvous.
+RENDEZVOUS_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                   "CROSS_RANK", "CROSS_SIZE"}
+
+
+def run_env(interpret: bool = False, **extra) -> dict:
+    """Environment for a training subprocess: the interpreter only when asked for, and no
+    rendezvous variables inherited from this process."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS and k != "TRITON_INTERPRET"}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env.update(extra)
+    return env
+
+
+def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor, ref_pt: torch.Tensor, atol: float = 0.0,
+                        factor: float = 2.0, what: str = "") -> None:
+    """The kernel tolerance rule: ``out``'s largest error against the exact reference ``ref``
+    (float64, or the op's defining float32 computation) is at most ``factor`` times the largest
+    error of ``ref_pt`` (PyTorch's own computation in the kernel's dtype: the reference run on
+    the same low-precision inputs) plus ``atol``. ``out`` and ``ref_pt`` have one dtype and
+    ``ref``'s shape; a NaN in ``out`` where ``ref`` is finite fails.
+
+    Kernels run through Triton's interpreter must round float32 -> bfloat16 to nearest like a
+    GPU for this to hold (the interpreter truncates; tests/ops/conftest.py makes it round).
+    """
+    what = what or "output"
+    assert out.shape == ref.shape == ref_pt.shape, (
+        f"{what}: shape {tuple(out.shape)} vs reference {tuple(ref.shape)} / PyTorch {tuple(ref_pt.shape)}")
+    assert out.dtype == ref_pt.dtype, f"{what}: dtype {out.dtype} vs PyTorch's {ref_pt.dtype}"
+    if not out.numel():
+        return
+    ref = ref.detach().double().cpu()
+    finite = torch.isfinite(ref)
+    err = (out.detach().double().cpu() - ref)[finite].abs().max().item() if finite.any() else 0.0
+    err_pt = (ref_pt.detach().double().cpu() - ref)[finite].abs().max().item() if finite.any() else 0.0
+    assert err <= factor * err_pt + atol, (
+        f"{what}: max error {err:.3g} > {factor} x PyTorch's own {err_pt:.3g} + atol {atol:.3g}")
