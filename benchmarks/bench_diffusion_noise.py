@@ -30,11 +30,10 @@ autograd graph holds after the forward (the eps tensor the fused path never stor
 """
 from __future__ import annotations
 
+import os
 
 import pytest
 import torch
-
-import os
 
 from benchmarks import harness
 from ivfast.models.diffusion import GaussianDiffusion

@@ -28,7 +28,6 @@ On a GPU each row also records the achieved GB/s and its share of
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -30,7 +30,6 @@ Results: benchmarks/results/sincos-<gpu|cpu>-<date>.{json,md}.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 

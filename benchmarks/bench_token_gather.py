@@ -46,7 +46,6 @@ Results: benchmarks/results/token_gather-<gpu|cpu>-<date>.{json,md}.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 

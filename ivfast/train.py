@@ -1,4 +1,4 @@
-"""Train Stage 1.
+"""Train Stage 1 or Stage 2 (``model.stage``).
 
     deepspeed ivfast/train.py --config configs/tiny.yaml [key=value ...]
     python ivfast/train.py --config configs/tiny.yaml output_dir=runs/x train.max_steps=20

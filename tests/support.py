@@ -48,3 +48,19 @@ def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor, ref_pt: torch.Tens
     err_pt = (ref_pt.detach().double().cpu() - ref)[finite].abs().max().item() if finite.any() else 0.0
     assert err <= factor * err_pt + atol, (
         f"{what}: max error {err:.3g} > {factor} x PyTorch's own {err_pt:.3g} + atol {atol:.3g}")
+
+
+def stage1_model(cfg):
+    """The Stage-1 model of a run config (no teacher, no checkpointing applied)."""
+    from ivfast.config import stage1_config
+    from ivfast.models.stage1 import Stage1Model
+
+    return Stage1Model(stage1_config(cfg))
+
+
+def stage2_model(cfg):
+    """The Stage-2 model of a run config (not initialised from Stage 1)."""
+    from ivfast.config import stage2_config
+    from ivfast.models.stage2 import Stage2Model
+
+    return Stage2Model(stage2_config(cfg))

@@ -10,11 +10,8 @@ How a block is drawn (per clip, per block, independently):
 - aspect ratio ``a = height / width`` is **log-uniform** in ``aspect`` (``exp(U(log lo, log hi))``,
   so that tall and wide blocks are treated alike);
 - height ``round(sqrt(area * a))`` and width ``round(sqrt(area / a))`` with
-  ``area = scale * h * w``, each clamped to [1, grid side] (the release's rounding, on the
-  unrounded area);
+  ``area = scale * h * w``, each clamped to [1, grid side];
 - top-left corner uniform over the positions where the block fits.
-The release draws one block size per batch from a step counter; here every block of every
-clip has its own aspect ratio, so a clip's masks depend only on its own generator.
 
 At least one visible and one masked token per clip and view: every block covers at least one
 position, so some token is always masked. Blocks can cover the whole grid (two blocks of
@@ -26,10 +23,7 @@ everything (vanishingly rare at the paper's settings), one random spatial positi
 Equal visible counts across the batch (``MaskInfo`` needs dense rows): the target count is
 the smallest visible count of the batch, then capped by ``max_visible`` (> 0). Each clip
 keeps a **uniformly random subset** of its visible tokens of that size; the others become
-masked (prediction targets). The release instead keeps the first visible tokens in time
-order, so the clips' last frames lose all of their context; a random subset removes tokens
-from every frame alike, with no bias in time (and only the dropped tokens break the
-"identical in every frame" structure).
+masked (prediction targets): tokens leave every frame alike, with no bias in time.
 
 Randomness: one ``torch.Generator`` per clip (``SampleRNG.generators``); per clip a single
 draw of all the uniforms its two views need (a fixed number, so the stream position never

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-
 from ivfast.config import RELEASE_WAY, Config, with_overrides
 from ivfast.memory.params import ParamCounts, count_params
 from ivfast.ops.chunked_loss import chunking_allowed
@@ -415,4 +414,5 @@ def ivfast_way(cfg: Config, checkpointing=None) -> Way:
                teacher_param_bytes=4 if tp == "fp32" else 2, teacher_stream_bytes=4 if tp == "fp32" else 2,
                teacher_eager=teacher_attention == "math", checkpointing=ck,
                reconstruction_ratio=float(m.diffusion.reconstruction_ratio), lean=bool(m.lean_saves),
-               teacher_visible_only=True, predictor_v_copy=True, diffusion_chunk_rows=int(m.diffusion.chunk_rows))
+               teacher_visible_only=True, predictor_v_copy=True, diffusion_chunk_rows=int(m.diffusion.chunk_rows),
+               bucket_elems=cfg.deepspeed.reduce_bucket_size)

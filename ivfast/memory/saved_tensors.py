@@ -88,43 +88,47 @@ def _wrap_method(obj, name: str, label: str, rec: "_Recorder") -> None:
 
 
 def measure_stage1(cfg, dtype: torch.dtype = torch.float32, attention: str = "math", seed: int = 0) -> SavedBytes:
-    """One training-mode forward of the real Stage-1 step on the CPU (random video, the real teacher
-    for targets and the mask, ``cfg``'s op switches); saved bytes per component.
+    """One training-mode forward of the trainer's Stage-1 step on its DeepSpeed engine, on the
+    CPU (random video, the real teacher for targets and the mask, ``cfg``'s op switches, the
+    engine in ``dtype``); saved bytes per component.
 
     ``attention`` selects the student's backend (``math`` or ``sdpa``); the teacher runs ``math``.
     Teacher outputs and the video are inputs (excluded); the alignment work counts as ``align heads``.
     """
-    from ivfast.ops import dispatch
+    from ivfast.config import with_overrides
     from ivfast.ops.attention import use_backend
     from ivfast.rng import SampleRNG
+    from ivfast.training.engine import build_engine, init_runtime
     from ivfast.training.step import Stage1Step
 
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    cfg = with_overrides(cfg, [f"train.precision={precision}", "train.device=cpu"])
+    rt = init_runtime(cfg)
     torch.manual_seed(seed)
     step = Stage1Step(cfg)
-    step.to(torch.device("cpu"), dtype)
-    model = step.model.to(dtype).train()
+    engine = build_engine(cfg, step, rt)
+    model = engine.module
     d = cfg.data
     video = torch.randn(d.batch_size, 3, d.num_frames, d.img_size, d.img_size)
-    rng = SampleRNG.for_step(seed, 0, list(range(d.batch_size)), torch.device("cpu"))
-    with dispatch.override(fused=cfg.model.fused_kernels, lean=cfg.model.lean_saves):
-        with use_backend("math"):
-            inputs = step.prepare(video, rng)
-        rec = _Recorder(_storage_ptrs(model.parameters()) | _storage_ptrs(inputs))
-        # components: the alignment losses (heads, pool, final head), the recon loss (linear or
-        # diffusion head with its loss), the encoder and the predictor modules
-        _wrap_method(model, "align_losses", "align heads", rec)
-        _wrap_method(model, "recon_loss", "linear head" if cfg.model.recon == "linear" else "diffusion head", rec)
-        mods = {"encoder": model.encoder}
-        if hasattr(model, "predictor"):
-            mods["predictor"] = model.predictor
-        handles = []
-        for name, mod in mods.items():
-            handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: rec.stack.append(n) and None))
-            handles.append(mod.register_forward_hook(lambda m, a, o: rec.stack.pop() and None))
-        try:
-            with use_backend(attention), torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
-                model(*inputs)
-        finally:
-            for h in handles:
-                h.remove()
+    rng = SampleRNG.for_step(seed, 0, list(range(d.batch_size)), rt.device)
+    with use_backend("math"):
+        inputs = step.prepare(video, rng)
+    rec = _Recorder(_storage_ptrs(model.parameters()) | _storage_ptrs(inputs))
+    # components: the alignment losses (heads, pool, final head), the recon loss (linear or
+    # diffusion head with its loss), the encoder and the predictor modules
+    _wrap_method(model, "align_losses", "align heads", rec)
+    _wrap_method(model, "recon_loss", "linear head" if cfg.model.recon == "linear" else "diffusion head", rec)
+    mods = {"encoder": model.encoder}
+    if hasattr(model, "predictor"):
+        mods["predictor"] = model.predictor
+    handles = []
+    for name, mod in mods.items():
+        handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: rec.stack.append(n) and None))
+        handles.append(mod.register_forward_hook(lambda m, a, o: rec.stack.pop() and None))
+    try:
+        with use_backend(attention), torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
+            engine(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
     return rec.result

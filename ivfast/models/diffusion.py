@@ -1,6 +1,6 @@
 """Gaussian diffusion (DDPM) maths for the per-token diffusion reconstruction head.
 
-Only what training needs (plus a single reverse step): noise schedules, the forward
+Only what training needs: noise schedules, the forward
 process ``q(x_t | x_0)``, the true posterior ``q(x_{t-1} | x_t, x_0)``, the model's
 reverse Gaussian ``p(x_{t-1} | x_t)`` under the epsilon parameterisation, and the
 per-sample training losses.
@@ -185,13 +185,6 @@ class GaussianDiffusion:
         return vals.reshape(tuple(t.shape) + (1,) * (like.dim() - t.dim()))
 
     # ------------------------------------------------------------------ forward process
-    def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor):
-        """Mean, variance and log-variance of q(x_t | x_0)."""
-        mean = self.extract("sqrt_alphas_cumprod", t, x_start) * x_start
-        var = 1.0 - self.extract("alphas_cumprod", t, x_start)
-        log_var = self.extract("log_one_minus_alphas_cumprod", t, x_start)
-        return mean, var.expand_as(x_start), log_var.expand_as(x_start)
-
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor,
                  noise: torch.Tensor | None = None) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
@@ -257,17 +250,6 @@ class GaussianDiffusion:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
         return mean, log_var, pred_x0
-
-    @torch.no_grad()
-    def p_sample(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                 noise: torch.Tensor | None = None, temperature: float = 1.0,
-                 clip_denoised: bool = False) -> torch.Tensor:
-        """One ancestral step x_t -> x_{t-1} given the model output at (x_t, t); no noise at t=0."""
-        mean, log_var, _ = self.p_mean_variance(model_output, x_t, t, clip_denoised)
-        if noise is None:
-            noise = torch.randn_like(x_t)
-        nonzero = (t != 0).to(x_t.dtype).reshape(t.shape + (1,) * (x_t.dim() - t.dim()))
-        return mean + nonzero * torch.exp(0.5 * log_var) * temperature * noise
 
     # ------------------------------------------------------------------ losses
     def vb_terms_bpd(self, model_output: torch.Tensor, x_start: torch.Tensor,

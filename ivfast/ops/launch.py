@@ -3,7 +3,7 @@
 ``gpu`` is :func:`gpu_tiles` of the tensors' device: True for compiled kernels on a GPU,
 False under Triton's interpreter, where every program costs ~1-2 ms, so the choice there is
 few, large programs. The GPU tiles keep ~4-8 float32 elements per thread, so that the kernels
-compile without register spills (docs/notes/ops.md has the ptxas figures).
+compile without register spills (docs/design.md has the ptxas figures).
 """
 from __future__ import annotations
 

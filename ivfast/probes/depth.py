@@ -42,11 +42,6 @@ def finish_depth_metrics(s: dict) -> dict:
     return {"abs_rel": s["abs_rel_sum"] / n, "delta1": s["delta1_count"] / n, "num_pixels": n}
 
 
-def depth_metrics(pred, gt, min_depth: float, max_depth: float) -> dict:
-    """AbsRel and delta1 of one prediction (see :func:`depth_error_sums`)."""
-    return finish_depth_metrics(depth_error_sums(torch.as_tensor(pred), torch.as_tensor(gt), min_depth, max_depth))
-
-
 # ----------------------------------------------------------------------------- windows
 def window_starts(n: int, window: int, stride: int) -> list[int]:
     """Starts of windows of ``window`` frames every ``stride`` frames; one more ending at the
@@ -116,26 +111,6 @@ def read_depth_dir(path: str) -> tuple[np.ndarray, np.ndarray]:
     if len({i.shape for i in imgs}) != 1:
         raise ValueError(f"depth video {path}: frames differ in size")
     return np.stack(imgs), np.stack(depths)
-
-
-def write_depth_dir(path: str, frames: np.ndarray, depth: np.ndarray, fmt: str = "npy") -> None:
-    """Write a video in the :func:`read_depth_dir` layout (frames as ``.npy`` or ``.png``)."""
-    os.makedirs(os.path.join(path, "frames"), exist_ok=True)
-    os.makedirs(os.path.join(path, "depth"), exist_ok=True)
-    for i, (img, dm) in enumerate(zip(frames, depth)):
-        if fmt == "npy":
-            np.save(os.path.join(path, "frames", f"{i:06d}.npy"), img)
-        else:
-            import av
-
-            with av.open(os.path.join(path, "frames", f"{i:06d}.png"), "w", format="image2") as c:
-                s = c.add_stream("png")
-                s.width, s.height, s.pix_fmt = img.shape[1], img.shape[0], "rgb24"
-                for pkt in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
-                    c.mux(pkt)
-                for pkt in s.encode():
-                    c.mux(pkt)
-        np.save(os.path.join(path, "depth", f"{i:06d}.npy"), dm)
 
 
 def synthetic_depth_video(n: int, size: int, seed: int, max_depth: float = 10.0):

@@ -13,8 +13,16 @@ import shutil
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from ivfast import checkpoint_io
-from ivfast.checkpoint_io import (LATEST, STATE_FILE, TAG_RE, atomic_write_text, complete_tags, find_resume,
-                                  read_state, tag_for)
+from ivfast.checkpoint_io import (
+    LATEST,
+    STATE_FILE,
+    TAG_RE,
+    atomic_write_text,
+    complete_tags,
+    find_resume,
+    read_state,
+    tag_for,
+)
 
 __all__ = ["LATEST", "STATE_FILE", "TAG_RE", "SafeCheckpointEngine", "atomic_write_text", "complete_tags",
            "deepspeed_classes", "find_resume", "load", "read_state", "safe_load", "save", "tag_for"]

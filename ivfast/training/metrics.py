@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 
@@ -66,7 +65,3 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def ensure_dir(path: str) -> None:
-    os.makedirs(path, exist_ok=True)

@@ -96,8 +96,7 @@ def phase(tracker: PhaseTracker | None, name: str):
 
 def watch_stage1(tracker: PhaseTracker, model) -> None:
     """Phases for the parts of a ``Stage1Model``: encoder, predictor, linear / diffusion head."""
-    for attr, name in (("encoder", "encoder"), ("predictor", "predictor"), ("recon_head", "recon head")):
+    for attr, name in (("encoder", "encoder"), ("predictor", "predictor"), ("recon_head", "recon head"),
+                       ("diffloss", "diffusion head")):
         if hasattr(model, attr):
             tracker.watch(getattr(model, attr), name)
-    if hasattr(model, "diffloss"):  # the loss runs through loss_given_seeds, its net through __call__
-        tracker.watch(model.diffloss.net, "diffusion head")

@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ivfast.checkpoint_io import load_model_state
 from ivfast.config import Config, stage1_config, stage2_config
 from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ivfast.masks import MaskInfo, multiblock_masks, semantic_mask, tube_mask
@@ -181,8 +182,6 @@ class Stage2Step:
     """Latent prediction against a frozen (or EMA) copy of the Stage-1 encoder, initialised from Stage 1."""
 
     def __init__(self, cfg: Config):
-        from ivfast.checkpoint_io import load_model_state
-
         self.cfg = cfg
         self.model = Stage2Model(stage2_config(cfg))
         self.model.load_stage1(load_model_state(cfg.model.stage2.init_checkpoint))

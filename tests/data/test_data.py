@@ -13,13 +13,7 @@ from ivfast.data.collate import collate_skip_bad, sample_key
 from ivfast.data.lists import read_list
 from ivfast.data.sampling import tsn_indices
 from ivfast.data.synthetic import SyntheticClips
-from ivfast.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    eval_transform,
-    multiscale_crop_params,
-    train_transform,
-)
+from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, multiscale_crop_params, train_transform
 from ivfast.data.video_list import VideoListDataset, load_clip
 from tests.clips import level_to_frame, write_corrupt, write_empty, write_numbered_clip, write_truncated
 

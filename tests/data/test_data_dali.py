@@ -19,14 +19,7 @@ from ivfast.data.loader import ShardedBatchSampler  # noqa: E402
 from ivfast.data.sampling import tsn_indices  # noqa: E402
 from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from ivfast.data.video_list import VideoListDataset  # noqa: E402
-from tests.clips import (  # noqa: E402
-    level_to_frame,
-    numbered_frames,
-    write_corrupt,
-    write_empty,
-    write_truncated,
-    write_video,
-)
+from tests.clips import level_to_frame, numbered_frames, write_corrupt, write_empty, write_truncated, write_video  # noqa: E402
 
 MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1, 1)
 STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1, 1)

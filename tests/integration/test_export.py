@@ -2,28 +2,16 @@
 import os
 import shutil
 import subprocess
-
-from tests.support import run_env
 import sys
 
 import pytest
 import torch
 
 from ivfast.checkpoint_io import CheckpointError, load_model_state, resolve_checkpoint, save_safetensors
-from ivfast.config import load_config, save_config, stage1_config, stage2_config
+from ivfast.config import load_config, save_config
 from ivfast.export import load_exported_encoder, main
-from ivfast.models.stage1 import Stage1Model
-from ivfast.models.stage2 import Stage2Model
+from tests.support import ROOT, run_env, stage1_model, stage2_model
 
-from tests.support import ROOT  # noqa: E402
-
-
-def build_stage1(cfg):
-    return Stage1Model(stage1_config(cfg))
-
-
-def build_stage2(cfg):
-    return Stage2Model(stage2_config(cfg))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 STAGE2_TINY = os.path.join(ROOT, "configs", "stage2_tiny.yaml")
 
@@ -61,7 +49,7 @@ def tag_dir(run):
 
 def test_zero1_and_zero3_checkpoints_give_the_same_weights(runs):
     a, b = load_model_state(runs["z1"]), load_model_state(runs["z3"])
-    model_keys = list(build_stage1(load_config(TINY)).state_dict())
+    model_keys = list(stage1_model(load_config(TINY)).state_dict())
     assert list(a) == list(b) == model_keys
     assert sorted(os.listdir(tag_dir(runs["z3"]))) == ["ivfast_state.json", "zero_pp_rank_0_mp_rank_00_model_states.pt",
                                                        "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
@@ -70,7 +58,7 @@ def test_zero1_and_zero3_checkpoints_give_the_same_weights(runs):
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
     # After two optimiser steps the weights are no longer the initial ones.
     torch.manual_seed(0)
-    init = build_stage1(load_config(TINY)).state_dict()
+    init = stage1_model(load_config(TINY)).state_dict()
     assert any(not torch.allclose(init[k], a[k]) for k in a)
 
 
@@ -87,7 +75,7 @@ def test_stage2_bf16_checkpoints_with_a_frozen_teacher(runs):
 
     stage1 = load_model_state(runs["z1"])
     a, b = load_model_state(runs["s2z1"]), load_model_state(runs["s2z3"])  # ZeRO-1 / ZeRO-3, bf16
-    assert list(a) == list(b) == list(build_stage2(load_config(STAGE2_TINY)).state_dict())
+    assert list(a) == list(b) == list(stage2_model(load_config(STAGE2_TINY)).state_dict())
     assert os.path.isfile(os.path.join(runs["s2z3"], "checkpoints", "step_00000001",
                                        "zero_pp_rank_0_mp_rank_00_model_states.pt"))
     for k in a:
@@ -165,7 +153,7 @@ def test_export_gives_the_checkpoint_encoder_features(runs, tmp_path):
     assert sorted(os.listdir(out)) == ["encoder.safetensors", "encoder.yaml"]
     # Both sides on the reference ops (the exported encoder's default), so features must be equal.
     cfg = load_config(os.path.join(runs["z3"], "config.yaml"), ["model.fused_kernels=false"])
-    model = build_stage1(cfg)
+    model = stage1_model(cfg)
     model.load_state_dict(load_model_state(runs["z3"]))
     model.eval()
     enc = load_exported_encoder(out)
@@ -194,7 +182,7 @@ def test_full_export_round_trip(runs, tmp_path):
 
 def test_stage2_export_takes_the_student_not_the_teacher(tmp_path):
     cfg = load_config(os.path.join(ROOT, "configs", "stage2_tiny.yaml"))
-    model = build_stage2(cfg)
+    model = stage2_model(cfg)
     with torch.no_grad():
         for p in model.encoder.parameters():
             p.add_(1.0)  # the student differs from the teacher

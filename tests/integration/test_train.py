@@ -13,9 +13,12 @@ import time
 
 import pytest
 import torch
-from tests.support import run_env
 
-from tests.support import ROOT  # noqa: E402
+from tests.support import (
+    ROOT,  # noqa: E402
+    run_env,
+)
+
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 FAST = ["data.num_workers=0", "train.progress=false"]
 

@@ -9,7 +9,6 @@ from ivfast.models.pos_embed import PositionTable
 from ivfast.ops.sincos import sincos_3d
 
 
-
 def _embed(enc, video, idx=None):
     return enc.embed(enc.patchify(video), enc.token_grid(video.shape), idx)
 

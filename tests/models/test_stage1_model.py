@@ -13,15 +13,12 @@ from ivfast.models.stage1 import Stage1Model, student_return_layers
 from ivfast.models.stage2 import Stage2Model
 from ivfast.rng import SampleRNG
 from ivfast.training.step import Stage1Step, build_teacher, draw_mask, run_teacher, visible_teacher_layers
-from tests.support import ROOT
+from tests.support import ROOT, stage1_model
 
 
 def cfg_of(name, overrides=()):
     return load_config(os.path.join(ROOT, "configs", f"{name}.yaml"), list(overrides))
 
-
-def build_stage1(cfg):
-    return Stage1Model(stage1_config(cfg))
 
 
 def linear(i, o, bias=True):
@@ -68,7 +65,7 @@ def diffusion_params(c=588, z=1024, w=1536, depth=6, learn_sigma=True):
 def test_parameter_counts_on_meta(name, width, depth):
     cfg = cfg_of(name)
     with torch.device("meta"):
-        model = build_stage1(cfg)
+        model = stage1_model(cfg)
     n = 16 * 16 * 16
     expected = encoder_params(width, depth, n) + align_params(width, 6, 1536, n)
     if cfg.model.recon != "none":
@@ -89,7 +86,7 @@ def test_parameter_counts_on_meta(name, width, depth):
 def test_shapes_of_the_b_config():
     cfg = cfg_of("stage1_b_diffusion")
     with torch.device("meta"):
-        model = build_stage1(cfg)
+        model = stage1_model(cfg)
         teacher = build_teacher(cfg)
     assert model.encoder.grid == (16, 16, 16) and model.encoder.num_patches == 4096
     assert model.target_dim == 588
@@ -220,7 +217,7 @@ def test_teacher_and_predictor_weights_load_from_config(tmp_path):
     cfg = cfg_of("tiny")
     torch.manual_seed(123)
     donor_teacher = build_teacher(cfg)
-    donor_pred = build_stage1(cfg).predictor
+    donor_pred = stage1_model(cfg).predictor
     t_path, p_path = str(tmp_path / "siglip.safetensors"), str(tmp_path / "modernbert.safetensors")
     save_file({f"vision_model.{k}": v.contiguous() for k, v in donor_teacher.state_dict().items()}, t_path)
     first = cfg.model.predictor.first_layer_id

@@ -5,24 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ivfast.config import load_config, stage1_config, stage2_config
+from ivfast.config import load_config
 from ivfast.models.layers import DropPath
 from ivfast.models.pos_embed import interpolate_time
 from ivfast.models.predictor import predict_masked
-from ivfast.models.stage1 import Stage1Model
-from ivfast.models.stage2 import Stage2Model
 from ivfast.rng import SampleRNG
 from ivfast.training.optim import build_optimizer
 from ivfast.training.step import draw_views
-from tests.support import ROOT
-
-
-def build_stage1(cfg):
-    return Stage1Model(stage1_config(cfg))
-
-
-def build_stage2(cfg):
-    return Stage2Model(stage2_config(cfg))
+from tests.support import ROOT, stage1_model, stage2_model
 
 
 def cfg_of(name, *overrides):
@@ -32,7 +22,7 @@ def cfg_of(name, *overrides):
 @pytest.fixture(scope="module")
 def stage1_state():
     torch.manual_seed(0)
-    s1 = build_stage1(cfg_of("tiny"))  # 4 frames
+    s1 = stage1_model(cfg_of("tiny"))  # 4 frames
     with torch.no_grad():  # make the learnable tables differ from sincos so interpolation is visible
         s1.encoder.pos.table.add_(0.1 * torch.randn_like(s1.encoder.pos.table))
         s1.predictor_pos.table.add_(0.1 * torch.randn_like(s1.predictor_pos.table))
@@ -42,7 +32,7 @@ def stage1_state():
 def tiny_stage2(stage1_state, *overrides):
     cfg = cfg_of("stage2_tiny", *overrides)
     torch.manual_seed(1)
-    model = build_stage2(cfg)
+    model = stage2_model(cfg)
     model.load_stage1(stage1_state)
     return cfg, model
 
@@ -121,7 +111,7 @@ def test_ema_moves_the_teacher_towards_the_student(stage1_state):
 
 def test_load_stage1_interpolates_4_to_8_frames_and_copies_into_the_teacher(stage1_state):
     cfg = cfg_of("stage2_tiny")
-    model = build_stage2(cfg)
+    model = stage2_model(cfg)
     report = model.load_stage1(stage1_state)
     sd = model.state_dict()
     assert set(report.interpolated) == {"encoder.pos.table", "predictor_pos.table"}
@@ -148,11 +138,11 @@ def test_load_stage1_interpolates_4_to_8_frames_and_copies_into_the_teacher(stag
 def test_same_frames_reuses_the_stage1_computation(stage1_state):
     """At Stage 1's frame count: teacher targets are Stage 1's last-block tokens, the predictor path is Stage 1's."""
     cfg1 = cfg_of("tiny", "model.encoder.drop_path=0.0")
-    s1 = build_stage1(cfg1)
+    s1 = stage1_model(cfg1)
     s1.load_state_dict(stage1_state)
     s1.eval()
     cfg2 = cfg_of("stage2_tiny", "data.num_frames=4", "model.encoder.drop_path=0.0")
-    model = build_stage2(cfg2)
+    model = stage2_model(cfg2)
     report = model.load_stage1(stage1_state)
     assert not report.interpolated
     model.eval()
@@ -170,14 +160,14 @@ def test_same_frames_reuses_the_stage1_computation(stage1_state):
 
 
 def test_load_stage1_errors(stage1_state):
-    model = build_stage2(cfg_of("stage2_tiny"))
+    model = stage2_model(cfg_of("stage2_tiny"))
     partial = {k: v for k, v in stage1_state.items() if k != "encoder.blocks.0.attn.qkv.weight"}
     with pytest.raises(ValueError, match="encoder.blocks.0.attn.qkv.weight"):
         model.load_stage1(partial)
     no_predictor = {k: v for k, v in stage1_state.items() if not k.startswith(("predictor", "mask_token"))}
     with pytest.raises(ValueError, match="recon=none"):
         model.load_stage1(no_predictor)
-    wide = build_stage2(cfg_of("stage2_tiny", "model.predictor.mlp_hidden=96"))
+    wide = stage2_model(cfg_of("stage2_tiny", "model.predictor.mlp_hidden=96"))
     with pytest.raises(ValueError, match="does not fit"):
         wide.load_stage1(stage1_state)
     bad_table = dict(stage1_state)

@@ -3,7 +3,8 @@ Triton's interpreter, with its tiles and the GPU's), and the cases that must tak
 import pytest
 import torch
 
-from ivfast.ops import dispatch, launch, rmsnorm as R
+from ivfast.ops import dispatch, launch
+from ivfast.ops import rmsnorm as R
 from tests.ops.common import DEVICE, NoLaunch, check_op, randn
 
 DTYPES = [torch.float32, torch.bfloat16]

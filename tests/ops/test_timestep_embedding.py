@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from ivfast.ops import dispatch, launch, timestep_embedding as TE
+from ivfast.ops import dispatch, launch
+from ivfast.ops import timestep_embedding as TE
 from tests.ops.common import DEVICE, NoLaunch, check_op
 
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from ivfast.ops import dispatch, launch, token_gather as TG
+from ivfast.ops import dispatch, launch
+from ivfast.ops import token_gather as TG
 from ivfast.ops.sincos import sincos_3d
 from tests.ops.common import DEVICE, NoLaunch, check_op, close, randn, saved_bytes
 

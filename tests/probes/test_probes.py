@@ -13,8 +13,8 @@ from ivfast.probes import classify, depth, track
 from ivfast.probes.config import ProbeConfig, TrackConfig, load_probe_config
 from ivfast.probes.features import FeatureCache, FrozenBackbone, load_encoder
 from ivfast.probes.loop import cosine_lr
-
 from tests.support import ROOT  # noqa: E402
+
 CFG = os.path.join(ROOT, "configs", "probes")
 
 
@@ -27,10 +27,36 @@ def test_topk_hand_computed():
     assert r["top1"] == pytest.approx(100 / 3) and r["top5"] == pytest.approx(200 / 3)
 
 
+def _depth_metrics(pred, gt, min_depth, max_depth):
+    """AbsRel and delta1 of one prediction."""
+    return depth.finish_depth_metrics(depth.depth_error_sums(torch.as_tensor(pred), torch.as_tensor(gt),
+                                                             min_depth, max_depth))
+
+
+def _write_depth_dir(path: str, frames: np.ndarray, depth: np.ndarray, fmt: str = "npy") -> None:
+    """Write a video in the ``depth.read_depth_dir`` layout (frames as ``.npy`` or ``.png``)."""
+    os.makedirs(os.path.join(path, "frames"), exist_ok=True)
+    os.makedirs(os.path.join(path, "depth"), exist_ok=True)
+    for i, (img, dm) in enumerate(zip(frames, depth)):
+        if fmt == "npy":
+            np.save(os.path.join(path, "frames", f"{i:06d}.npy"), img)
+        else:
+            import av
+
+            with av.open(os.path.join(path, "frames", f"{i:06d}.png"), "w", format="image2") as c:
+                s = c.add_stream("png")
+                s.width, s.height, s.pix_fmt = img.shape[1], img.shape[0], "rgb24"
+                for pkt in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
+                    c.mux(pkt)
+                for pkt in s.encode():
+                    c.mux(pkt)
+        np.save(os.path.join(path, "depth", f"{i:06d}.npy"), dm)
+
+
 def test_absrel_delta1_hand_computed():
     gt = torch.tensor([[1.0, 2.0], [4.0, 100.0]])  # 100 is out of [0.1, 80]: masked
     pred = torch.tensor([[1.2, 1.0], [4.0, 5.0]])
-    r = depth.depth_metrics(pred, gt, 0.1, 80.0)
+    r = _depth_metrics(pred, gt, 0.1, 80.0)
     assert r["num_pixels"] == 3
     assert r["abs_rel"] == pytest.approx((0.2 / 1 + 1.0 / 2 + 0) / 3)
     # ratios 1.2 (<1.25), 2.0 (no), 1.0 (yes)
@@ -38,7 +64,7 @@ def test_absrel_delta1_hand_computed():
 
 
 def test_depth_prediction_clamped_to_range():
-    r = depth.depth_metrics(torch.tensor([0.0]), torch.tensor([0.5]), 0.1, 80.0)  # pred clamped to 0.1
+    r = _depth_metrics(torch.tensor([0.0]), torch.tensor([0.5]), 0.1, 80.0)  # pred clamped to 0.1
     assert r["abs_rel"] == pytest.approx(0.8)
 
 
@@ -75,7 +101,7 @@ def test_window_starts_and_average():
 
 def test_depth_dir_roundtrip_and_wrong_size(tmp_path):
     fr, dm = depth.synthetic_depth_video(3, 16, 0)
-    depth.write_depth_dir(str(tmp_path / "v"), fr, dm, fmt="png")
+    _write_depth_dir(str(tmp_path / "v"), fr, dm, fmt="png")
     f2, d2 = depth.read_depth_dir(str(tmp_path / "v"))
     assert np.array_equal(f2, fr) and np.array_equal(d2, dm)
     np.save(tmp_path / "v" / "depth" / "000001.npy", np.ones((8, 16), np.float32))

@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from tests.clips import write_corrupt, write_video
-from tests.support import run_env
 from ivfast.export import main as export_main
 from ivfast.probes import classify
 from ivfast.probes.config import BackboneConfig, load_probe_config
 from ivfast.probes.features import FrozenBackbone, load_encoder
+from tests.clips import write_corrupt, write_video
+from tests.support import (
+    ROOT,  # noqa: E402
+    run_env,
+)
 
-from tests.support import ROOT  # noqa: E402
 CFG = os.path.join(ROOT, "configs", "probes")
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 

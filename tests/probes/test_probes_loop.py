@@ -10,8 +10,8 @@ from torch.utils.data import Dataset
 from ivfast.probes import classify
 from ivfast.probes.config import ProbeConfig, load_probe_config
 from ivfast.probes.loop import KeyBatches, make_loader, run_training, warmup_steps
-
 from tests.support import ROOT  # noqa: E402
+
 CFG = os.path.join(ROOT, "configs", "probes")
 
 

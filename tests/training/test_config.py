@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from ivfast.config import Config, ConfigError, load_config, save_config, to_dict
-
 from tests.support import ROOT  # noqa: E402
+
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
