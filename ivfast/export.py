@@ -23,13 +23,9 @@ FULL_FILE = "model.safetensors"
 
 def encoder_kwargs(cfg) -> dict:
     """``VideoEncoder`` constructor arguments of a run config (no ``return_layers``)."""
-    e, d = cfg.model.encoder, cfg.data
-    return dict(
-        img_size=d.img_size, patch_size=e.patch_size, num_frames=d.num_frames, tubelet_size=e.tubelet_size,
-        in_chans=3, width=e.width, depth=e.depth, heads=e.heads, mlp_ratio=float(e.mlp_ratio), block=e.block,
-        num_cls_tokens=e.num_cls_tokens, layer_scale_init=float(e.layer_scale_init), drop_path=float(e.drop_path),
-        pos_learnable=e.pos_learnable,
-    )
+    from ivfast.models.encoder import encoder_kwargs as kwargs_of
+
+    return kwargs_of(cfg.model.encoder, num_frames=cfg.data.num_frames, img_size=cfg.data.img_size)
 
 
 def encoder_state(state: dict, prefix: str = "encoder.") -> dict:

@@ -10,6 +10,7 @@ whose forward is running), on the CPU at small sizes.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -59,18 +60,26 @@ def saved_bytes(fn: Callable[[], object], params: Iterable[torch.Tensor] = (), e
     ``components``: name -> module; a tensor saved while that module's forward runs is
     attributed to it (innermost wins), anything else to ``"other"``.
     """
-    rec = _Recorder(_storage_ptrs(params) | _storage_ptrs(exclude))
+    with _recording(_storage_ptrs(params) | _storage_ptrs(exclude), components or {}) as rec:
+        out = fn()
+    return rec.result, out
+
+
+@contextlib.contextmanager
+def _recording(skip: set, components: dict[str, nn.Module]):
+    """A :class:`_Recorder` on every tensor autograd saves in the block, attributing it to the
+    innermost of ``components`` whose forward is running."""
+    rec = _Recorder(skip)
     handles = []
-    for name, mod in (components or {}).items():
+    for name, mod in components.items():
         handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: rec.stack.append(n) and None))
         handles.append(mod.register_forward_hook(lambda m, a, o: rec.stack.pop() and None))
     try:
         with torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
-            out = fn()
+            yield rec
     finally:
         for h in handles:
             h.remove()
-    return rec.result, out
 
 
 def _wrap_method(obj, name: str, label: str, rec: "_Recorder") -> None:
@@ -113,22 +122,13 @@ def measure_stage1(cfg, dtype: torch.dtype = torch.float32, attention: str = "ma
     rng = SampleRNG.for_step(seed, 0, list(range(d.batch_size)), rt.device)
     with use_backend("math"):
         inputs = step.prepare(video, rng)
-    rec = _Recorder(_storage_ptrs(model.parameters()) | _storage_ptrs(inputs))
-    # components: the alignment losses (heads, pool, final head), the recon loss (linear or
-    # diffusion head with its loss), the encoder and the predictor modules
-    _wrap_method(model, "align_losses", "align heads", rec)
-    _wrap_method(model, "recon_loss", "linear head" if cfg.model.recon == "linear" else "diffusion head", rec)
     mods = {"encoder": model.encoder}
     if hasattr(model, "predictor"):
         mods["predictor"] = model.predictor
-    handles = []
-    for name, mod in mods.items():
-        handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: rec.stack.append(n) and None))
-        handles.append(mod.register_forward_hook(lambda m, a, o: rec.stack.pop() and None))
-    try:
-        with use_backend(attention), torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
-            engine(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    with use_backend(attention), _recording(_storage_ptrs(model.parameters()) | _storage_ptrs(inputs), mods) as rec:
+        # the alignment losses (heads, pool, final head) and the recon loss (linear or diffusion
+        # head with its loss) are methods, not modules
+        _wrap_method(model, "align_losses", "align heads", rec)
+        _wrap_method(model, "recon_loss", "linear head" if cfg.model.recon == "linear" else "diffusion head", rec)
+        engine(*inputs)
     return rec.result

@@ -46,6 +46,15 @@ def patchify(video: torch.Tensor, patch: int, tubelet: int = 1) -> torch.Tensor:
     return x.reshape(b, gt * gh * gw, c * tubelet * patch * patch)
 
 
+def encoder_kwargs(cfg: EncoderConfig, *, num_frames: int, img_size: int) -> dict:
+    """:class:`VideoEncoder`'s constructor arguments for ``cfg`` (no ``return_layers``): plain
+    values, as an export writes them to its ``encoder.yaml``."""
+    return dict(img_size=img_size, patch_size=cfg.patch_size, num_frames=num_frames, tubelet_size=cfg.tubelet_size,
+                in_chans=3, width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=float(cfg.mlp_ratio),
+                block=cfg.block, num_cls_tokens=cfg.num_cls_tokens, layer_scale_init=float(cfg.layer_scale_init),
+                drop_path=float(cfg.drop_path), pos_learnable=cfg.pos_learnable)
+
+
 class PatchEmbed(nn.Module):
     """A Linear over flattened tubelets; ``norms`` (release style): RMSNorm on the tubelet before
     and on the embedding after."""
@@ -139,12 +148,10 @@ class VideoEncoder(nn.Module):
     @classmethod
     def from_config(cls, cfg: EncoderConfig, *, num_frames: int, img_size: int, return_layers: Sequence[int] = (),
                     drop_path: float | None = None) -> "VideoEncoder":
-        return cls(img_size=img_size, patch_size=cfg.patch_size, num_frames=num_frames,
-                   tubelet_size=cfg.tubelet_size, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
-                   mlp_ratio=cfg.mlp_ratio, block=cfg.block, num_cls_tokens=cfg.num_cls_tokens,
-                   layer_scale_init=cfg.layer_scale_init,
-                   drop_path=cfg.drop_path if drop_path is None else drop_path,
-                   pos_learnable=cfg.pos_learnable, return_layers=return_layers)
+        kwargs = encoder_kwargs(cfg, num_frames=num_frames, img_size=img_size)
+        if drop_path is not None:
+            kwargs["drop_path"] = float(drop_path)
+        return cls(**kwargs, return_layers=return_layers)
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -117,7 +117,23 @@ class Stage1Inputs(NamedTuple):
     diffusion_seeds: Optional[torch.Tensor]
 
 
-class Stage1Step:
+class Step:
+    """What the loop needs of a stage: ``model`` (what DeepSpeed wraps), ``loss_names``,
+    ``to(device, dtype)``, ``frozen_params()``, ``prepare(video, rng)``; ``forward`` and
+    ``after_step`` are shared."""
+
+    dtype = torch.float32  # the inputs' dtype, set by ``to``
+    tracker: PhaseTracker | None = None
+
+    def forward(self, engine, video: torch.Tensor, rng: SampleRNG) -> dict:
+        """The loss dict of one micro-batch: ``engine(*self.prepare(video, rng))``."""
+        return engine(*self.prepare(video, rng))
+
+    def after_step(self, engine) -> None:
+        pass
+
+
+class Stage1Step(Step):
     """Alignment to a frozen SigLIP teacher (kept outside the engine: never trained or saved) +
     reconstruction of masked patches."""
 
@@ -136,8 +152,6 @@ class Stage1Step:
         apply_activation_checkpointing(self.model, cfg.model.checkpointing)
         self.teacher = build_teacher(cfg)
         self.loss_names = self.model.loss_names
-        self.dtype = torch.float32
-        self.tracker: PhaseTracker | None = None
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         """The teacher to ``device`` in ``model.teacher.precision``; inputs will be cast to ``dtype``."""
@@ -170,15 +184,8 @@ class Stage1Step:
             recon_idx = mask.masked_idx
         return Stage1Inputs(video.to(self.dtype), mask.visible_idx, recon_idx, targets, pooled, t, seeds)
 
-    def forward(self, engine, video: torch.Tensor, rng: SampleRNG) -> dict:
-        """The loss dict of one micro-batch: ``engine(*self.prepare(video, rng))``."""
-        return engine(*self.prepare(video, rng))
 
-    def after_step(self, engine) -> None:
-        pass
-
-
-class Stage2Step:
+class Stage2Step(Step):
     """Latent prediction against a frozen (or EMA) copy of the Stage-1 encoder, initialised from Stage 1."""
 
     def __init__(self, cfg: Config):
@@ -187,8 +194,6 @@ class Stage2Step:
         self.model.load_stage1(load_model_state(cfg.model.stage2.init_checkpoint))
         apply_activation_checkpointing(self.model, cfg.model.checkpointing)
         self.loss_names = self.model.loss_names
-        self.dtype = torch.float32
-        self.tracker: PhaseTracker | None = None
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         self.dtype = dtype  # the teacher is part of the model (checkpointed: an EMA teacher changes)
@@ -202,15 +207,12 @@ class Stage2Step:
         views = draw_views(self.cfg, rng, self.model.encoder.grid)
         return (video.to(self.dtype), *(t for v in views for t in (v.visible_idx, v.masked_idx)))
 
-    def forward(self, engine, video: torch.Tensor, rng: SampleRNG) -> dict:
-        return engine(*self.prepare(video, rng))
-
     def after_step(self, engine) -> None:
         momentum = self.cfg.model.stage2.teacher_momentum
         if momentum < 1.0:
             engine.module.update_teacher(momentum)
 
 
-def build_step(cfg: Config):
+def build_step(cfg: Config) -> Step:
     """The step of ``cfg``'s stage, its model built (on the CPU, fp32) with checkpointing applied."""
     return Stage2Step(cfg) if cfg.model.stage == 2 else Stage1Step(cfg)
