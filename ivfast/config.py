@@ -69,11 +69,28 @@ class Stage2Config:
     aspect_min: float = 0.75
     aspect_max: float = 1.5
     max_visible: int = 0
+    # Equal visible counts across the batch: "release" keeps each clip's first visible tokens in
+    # time order (later frames may lose all context: prediction forward in time as well as
+    # in-filling); "random" keeps a uniformly random subset across all frames.
+    equalise: Literal["release", "random"] = "release"
+    # Block size: "release" (V-JEPA's) draws one size per batch and view, aspect ratio uniform,
+    # area truncated to whole tokens; "log_uniform" draws per block, aspect log-uniform, area rounded.
+    block_shape: Literal["release", "log_uniform"] = "release"
+    # Position tables of a Stage-1 run with fewer frames: "per_forward" (the release) keeps the
+    # checkpoint's time rows and resamples them linearly (align_corners=False) in every forward;
+    # "at_load" resamples once when the Stage-1 weights are loaded (align_corners=True).
+    pos_resample: Literal["per_forward", "at_load"] = "per_forward"
 
 
 @dataclass
 class ModelConfig:
     stage: Literal[1, 2] = 1
+    # "release": the release's init (each block's attention and MLP output projections divided by
+    # sqrt(2 * layer), heads trunc-normal(0.02)); "xavier": no rescale, heads xavier-uniform.
+    init: Literal["release", "xavier"] = "release"
+    # An export directory (ivfast-export, also --from-release) whose encoder starts the run's
+    # encoder (Stage 1, Stage 2 or a probe); "": none.
+    init_from: str = ""
     recon: Literal["none", "linear", "diffusion"] = "diffusion"
     fused_kernels: bool = True
     attention: Literal["auto", "flash", "sdpa", "flex", "math"] = "auto"
@@ -96,9 +113,17 @@ class TrainConfig:
     epochs: int = 50
     lr: float = 1e-3
     min_lr: float = 1e-6
+    # "batch256" (the release): lr and min_lr are per 256 clips, multiplied by the global batch
+    # (batch_size x world x grad_accum) / 256 at start; "none": absolute values.
+    lr_scaling: Literal["none", "batch256"] = "batch256"
     warmup_epochs: float = 5.0
     warmup_steps: int = 0
     weight_decay: float = 0.05
+    # Parameters without weight decay, besides biases and 1-D ones: "release" exempts the
+    # encoder's position table and CLS tokens and the alignment position table only (the
+    # diffusion position table and the mask token decay); "all_tables": every position table,
+    # token and probe.
+    no_decay: Literal["release", "all_tables"] = "release"
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     clip_grad: float = 5.0

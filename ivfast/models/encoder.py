@@ -31,6 +31,7 @@ class EncoderConfig:
     patch_size: int = 14
     tubelet_size: int = 1
     pos_learnable: bool = True
+    gelu: Literal["tanh", "erf"] = "tanh"  # the blocks' MLP activation; tanh: the release's fused MLP
 
 
 def patchify(video: torch.Tensor, patch: int, tubelet: int = 1) -> torch.Tensor:
@@ -52,7 +53,7 @@ def encoder_kwargs(cfg: EncoderConfig, *, num_frames: int, img_size: int) -> dic
     return dict(img_size=img_size, patch_size=cfg.patch_size, num_frames=num_frames, tubelet_size=cfg.tubelet_size,
                 in_chans=3, width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=float(cfg.mlp_ratio),
                 block=cfg.block, num_cls_tokens=cfg.num_cls_tokens, layer_scale_init=float(cfg.layer_scale_init),
-                drop_path=float(cfg.drop_path), pos_learnable=cfg.pos_learnable)
+                drop_path=float(cfg.drop_path), pos_learnable=cfg.pos_learnable, gelu=cfg.gelu)
 
 
 class PatchEmbed(nn.Module):
@@ -114,6 +115,7 @@ class VideoEncoder(nn.Module):
         layer_scale_init: float = 1e-5,
         drop_path: float = 0.1,
         pos_learnable: bool = True,
+        gelu: str = "erf",
         return_layers: Sequence[int] = (),
     ):
         super().__init__()
@@ -141,7 +143,8 @@ class VideoEncoder(nn.Module):
         self.pos = PositionTable(width, *self.grid, num_cls=num_cls_tokens, learnable=pos_learnable)
         rates = [drop_path * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
         self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio, style=block, drop_path=r, layer_scale_init=layer_scale_init) for r in rates
+            Block(width, heads, mlp_ratio, style=block, drop_path=r, layer_scale_init=layer_scale_init, gelu=gelu)
+            for r in rates
         )
         self.init_weights()
 

@@ -83,16 +83,27 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
-class Mlp(nn.Module):
-    """Linear -> GELU (erf) -> Linear."""
+GELUS = ("tanh", "erf")
 
-    def __init__(self, dim: int, hidden: int, out_dim: int | None = None):
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear; ``gelu``: "erf" (exact) or "tanh" (the approximation the
+    release's fused MLP computes, flash-attn's ``gelu_approx``)."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int | None = None, gelu: str = "erf"):
         super().__init__()
+        if gelu not in GELUS:
+            raise ValueError(f"gelu must be one of {GELUS}, got {gelu!r}")
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, out_dim or dim)
+        self.gelu = gelu
+        self._approximate = "tanh" if gelu == "tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lean.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        return lean.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self._approximate)
+
+    def extra_repr(self) -> str:
+        return f"gelu={self.gelu!r}"
 
 
 class Attention(nn.Module):
@@ -122,7 +133,7 @@ class Block(nn.Module):
     """Pre-norm block: ``x + DropPath(LS(attn(norm1(x))))``, then the same with the MLP."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, style: str = "release",
-                 drop_path: float = 0.0, layer_scale_init: float | None = 1e-5):
+                 drop_path: float = 0.0, layer_scale_init: float | None = 1e-5, gelu: str = "erf"):
         super().__init__()
         if style not in BLOCK_STYLES:
             raise ValueError(f"block style must be one of {BLOCK_STYLES}, got {style!r}")
@@ -134,7 +145,7 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, layer_scale_init) if use_ls else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = norm()
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), gelu=gelu)
         self.ls2 = LayerScale(dim, layer_scale_init) if use_ls else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 

@@ -37,25 +37,25 @@ def _mm_grads(grad2d: torch.Tensor, inp2d: torch.Tensor, weight: torch.Tensor):
 
 class _GeluMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
+    def forward(ctx, x, w1, b1, w2, b2, approximate):
         h = F.linear(x, w1, b1)
         ctx.save_for_backward(x, h, w1, w2)
-        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
-        return F.linear(F.gelu(h), w2, b2)
+        ctx.has_b1, ctx.has_b2, ctx.approximate = b1 is not None, b2 is not None, approximate
+        return F.linear(F.gelu(h, approximate=approximate), w2, b2)
 
     @staticmethod
     def backward(ctx, grad):
         x, h, w1, w2 = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
-        act = F.gelu(h).reshape(-1, h.shape[-1])  # fc2's input, recomputed
+        act = F.gelu(h, approximate=ctx.approximate).reshape(-1, h.shape[-1])  # fc2's input, recomputed
         grad_act, grad_w2 = _mm_grads(g2, act, w2)
         del act
         grad_b2 = g2.sum(0) if ctx.has_b2 and ctx.needs_input_grad[4] else None
-        grad_h = torch.ops.aten.gelu_backward(grad_act, h.reshape(-1, h.shape[-1]), approximate="none")
+        grad_h = torch.ops.aten.gelu_backward(grad_act, h.reshape(-1, h.shape[-1]), approximate=ctx.approximate)
         del grad_act
         grad_x, grad_w1 = _mm_grads(grad_h, x.reshape(-1, x.shape[-1]), w1)
         grad_b1 = grad_h.sum(0) if ctx.has_b1 and ctx.needs_input_grad[2] else None
-        return grad_x.reshape(x.shape), grad_w1, grad_b1, grad_w2, grad_b2
+        return grad_x.reshape(x.shape), grad_w1, grad_b1, grad_w2, grad_b2, None
 
 
 def _geglu_out(h: torch.Tensor, wo: torch.Tensor) -> torch.Tensor:
@@ -232,16 +232,17 @@ class _RecomputeRows(torch.autograd.Function):
 
 
 # =========================================================================== API
-def _plain_mlp(x, w1, b1, w2, b2):
-    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+def _plain_mlp(x, w1, b1, w2, b2, approximate="none"):
+    return F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)
 
 
 def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-             b2: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)`` (erf GELU)."""
+             b2: torch.Tensor | None, approximate: str = "none") -> torch.Tensor:
+    """``F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)``;
+    ``approximate``: "none" (erf GELU) or "tanh" (the release's fused MLP)."""
     if lean_applies(x):
-        return _GeluMLP.apply(x, w1, b1, w2, b2)
-    return _plain_mlp(x, w1, b1, w2, b2)
+        return _GeluMLP.apply(x, w1, b1, w2, b2, approximate)
+    return _plain_mlp(x, w1, b1, w2, b2, approximate)
 
 
 def geglu_mlp(x: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ def plain_geglu(x, wi, wo):
 
 
 PLAIN = {
-    "gelu_mlp": lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2),
+    "gelu_mlp": lambda x, w1, b1, w2, b2, approximate="none": F.linear(
+        F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2),
     "geglu_mlp": plain_geglu,
     "norm_linear": lambda x, lw, lb, eps, w: F.linear(F.layer_norm(x, (x.shape[-1],), lw, lb, eps), w),
     "norm_geglu_mlp": lambda x, lw, lb, eps, wi, wo: plain_geglu(F.layer_norm(x, (x.shape[-1],), lw, lb, eps), wi, wo),
@@ -44,15 +45,16 @@ def r(*shape, dtype, seed, std=0.5, mean=0.0, grad=True):
 
 
 # ============================================================================ values and gradients
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("lead,d,hidden,out,bias", [((3, 7), 13, 29, 13, True), ((19,), 24, 40, 9, True),
                                                     ((2, 3, 4), 8, 5, 8, False)])
-def test_gelu_mlp(dtype, lead, d, hidden, out, bias):
+def test_gelu_mlp(dtype, lead, d, hidden, out, bias, approximate):
     args = [r(*lead, d, dtype=dtype, seed=0), r(hidden, d, dtype=dtype, seed=1), r(hidden, dtype=dtype, seed=2),
-            r(out, hidden, dtype=dtype, seed=3), r(out, dtype=dtype, seed=4)]
+            r(out, hidden, dtype=dtype, seed=3), r(out, dtype=dtype, seed=4), approximate]
     if not bias:
         args[2] = args[4] = None
-    check_lean("gelu_mlp", args, str(lead))
+    check_lean("gelu_mlp", args, f"{lead} {approximate}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
