@@ -254,8 +254,8 @@ def diffusion_rows(w: int, z: int, c: int, cout: int, depth: int, d: int, a: int
         loss, out_kept = 4 * c, 0  # eps_hat - eps
     if learn_sigma and lean:
         loss += (cout * d - out_kept) + c * d + 8
-    elif learn_sigma:
-        loss += vb_tensors * c * d + 2 * c
+    elif learn_sigma:  # the VB arithmetic is fp32 whatever the head's dtype (models.diffusion.vb_terms_bpd)
+        loss += vb_tensors * c * max(d, 4) + 2 * c
     return {"embed": embed, "blocks": blocks, "final": final, "loss": loss}
 
 
@@ -363,7 +363,7 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
         d = way.diffusion_bytes
         trans["diffusion layer"] = 4 * m.diffusion.width * d * rows
         if way.lean and m.diffusion.learn_sigma:  # backward: the VB term again, 8192 rows at a time
-            trans["diffusion VB recompute"] = way.vb_tensors * c * d * min(rows, 8192)
+            trans["diffusion VB recompute"] = way.vb_tensors * c * max(d, 4) * min(rows, 8192)  # fp32
     est.transients = trans
 
     # the teacher: outputs alive through the student forward, and its own working set

@@ -273,3 +273,58 @@ def test_output_channel_check():
     x0, noise, t, out = _setup()
     with pytest.raises(ValueError):
         d.training_losses(out[:, :3], x0, x0, t, noise)
+
+
+# ----------------------------------------------------------------------------- loss precision
+def _vb_as_composed(d, out, x0, xt, t):
+    """vb_terms_bpd written out from the module's own pieces in the inputs' dtype (its code
+    before the float32 floor): fp32 and fp64 inputs must still give exactly this."""
+    from ivfast.models.diffusion import discretized_gaussian_log_likelihood, normal_kl
+
+    true_mean, _, true_log_var = d.q_posterior_mean_variance(x0, xt, t)
+    mean, log_var, _ = d.p_mean_variance(out, xt, t)
+    kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(1) / math.log(2.0)
+    nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(1) / math.log(2.0)
+    return torch.where(t == 0, nll, kl)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fp32_and_fp64_losses_unchanged(dtype):
+    d = GaussianDiffusion(T, "cosine", learn_sigma=True)
+    x0, noise, t, out = _setup(M=24, dtype=dtype)
+    t[:3] = 0
+    xt = d.q_sample(x0, t, noise)
+    C = x0.shape[1]
+    losses = d.training_losses(out, x0, xt, t, noise)
+    assert all(v.dtype == dtype for v in losses.values())
+    assert torch.equal(losses["vb"], _vb_as_composed(d, out, x0, xt, t))
+    assert torch.equal(losses["mse"], ((out[:, :C] - noise) ** 2).mean(1))
+    if dtype == torch.float32:  # autocast (as in a bf16 autocast region) changes nothing
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = d.training_losses(out, x0, xt, t, noise)
+        for k in losses:
+            assert auto[k].dtype == dtype and torch.equal(auto[k], losses[k]), k
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "bf16+autocast"])
+def test_bf16_losses_computed_in_fp32(autocast):
+    """bf16 inputs: every step of the losses in float32; the result is exactly the float32
+    computation of the same (upcast) inputs, returned in float32, and the gradient reaches the
+    bf16 output in bf16."""
+    d = GaussianDiffusion(T, "cosine", learn_sigma=True)
+    x0, noise, t, out = _setup(M=64, dtype=torch.float32)
+    t[:4] = 0
+    xt = d.q_sample(x0, t, noise)
+    b = [x.bfloat16() for x in (out, x0, xt, noise)]
+    out_b = b[0].requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        losses = d.training_losses(out_b, b[1], b[2], t, b[3])
+    ref = d.training_losses(out_b.detach().float(), b[1].float(), b[2].float(), t, b[3].float())
+    for k in ("mse", "vb", "loss"):
+        assert losses[k].dtype == torch.float32 and torch.equal(losses[k], ref[k]), k
+    losses["vb"].mean().backward()
+    assert out_b.grad.dtype == torch.bfloat16 and out_b.grad[:, 6:].abs().sum() > 0
+    # in bf16 throughout (the old arithmetic) the term is far off: what the float32 floor fixes
+    old = _vb_as_composed(d, out_b.detach(), b[1], b[2], t)
+    assert old.dtype == torch.bfloat16
+    assert ((old.double() - ref["vb"].double()).abs() / ref["vb"].double()).median() > 1e-2
