@@ -178,6 +178,25 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
     return "deepspeed", os.path.join(path, tag)
 
 
+def tensor_shape(path: str, key: str) -> tuple[int, ...] | None:
+    """The shape of tensor ``key`` in the checkpoint at ``path`` (any form :func:`resolve_checkpoint`
+    accepts), read without loading the weights where the format allows: a safetensors header, a
+    ZeRO-3 rank-0 model file's ``param_shapes``, else the ZeRO 0-2 module file. None: no such key."""
+    kind, where = resolve_checkpoint(path)
+    if kind == "safetensors":
+        from safetensors import safe_open
+
+        with safe_open(where, framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape()) if key in f.keys() else None
+    rank0 = os.path.join(where, "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    if not os.path.isfile(os.path.join(where, MODEL_FILE)) and os.path.isfile(rank0):  # ZeRO-3
+        groups = safe_load(rank0, map_location="cpu").get("param_shapes", [])
+        shapes = {k: v for group in groups for k, v in group.items()}
+        return tuple(shapes[key]) if key in shapes else None
+    module = safe_load(os.path.join(where, MODEL_FILE), map_location="cpu").get("module", {})
+    return tuple(module[key].shape) if key in module else None
+
+
 def _is_tag_dir(path: str) -> bool:
     if TAG_RE.match(os.path.basename(os.path.normpath(path))):
         return True

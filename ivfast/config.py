@@ -118,6 +118,10 @@ class TrainConfig:
     lr_scaling: Literal["none", "batch256"] = "batch256"
     warmup_epochs: float = 5.0
     warmup_steps: int = 0
+    # The lr at the first warmup step (linear from it to lr; scaled as lr under batch256). 0 is
+    # the release's schedule: its --warmup_lr 1e-6 is scaled but never reaches cosine_scheduler,
+    # whose start_warmup_value stays 0.
+    warmup_lr: float = 0.0
     weight_decay: float = 0.05
     # Parameters without weight decay, besides biases and 1-D ones: "release" exempts the
     # encoder's position table and CLS tokens and the alignment position table only (the
@@ -360,10 +364,39 @@ def stage1_config(cfg: Config) -> Stage1Config:
 
 
 def stage2_config(cfg: Config) -> Stage2ModelConfig:
-    """The Stage-2 model's own config, from the run config."""
-    m = cfg.model
+    """The Stage-2 model's own config, from the run config.
+
+    ``pos_frames`` (the time rows the learnable position tables store under
+    ``model.stage2.pos_resample=per_forward``) is read from the Stage-1 checkpoint itself, the
+    shape of its ``encoder.pos.table``: the run config does not say the Stage-1 run's frame count,
+    and the checkpoint is the one source that every start of the run, a resume included, has
+    (Stage 2 loads it before DeepSpeed resumes), so a resumed run rebuilds the same parameter
+    shapes. Only the table's shape is read (:func:`ivfast.checkpoint_io.tensor_shape`). A path that does not exist gives 0 (the clip's
+    frames; loading it fails later anyway); ``at_load`` or fixed (sincos) tables give 0.
+    """
+    from ivfast.checkpoint_io import tensor_shape
+
+    m, s2 = cfg.model, cfg.model.stage2
+    key, num_cls = "encoder.pos.table", m.encoder.num_cls_tokens
+    grid_hw = (cfg.data.img_size // m.encoder.patch_size) ** 2
+    pos_frames = 0
+    if s2.pos_resample == "per_forward" and m.encoder.pos_learnable and s2.init_checkpoint \
+            and os.path.exists(s2.init_checkpoint):
+        try:
+            shape = tensor_shape(s2.init_checkpoint, key)
+        except Exception as e:  # CheckpointError, an unreadable file (safetensors has its own errors)
+            raise ConfigError(f"config error: model.stage2.init_checkpoint = {s2.init_checkpoint!r}: cannot read its "
+                              f"{key} for model.stage2.pos_resample=per_forward ({str(e).splitlines()[0]})") from None
+        if shape is not None:  # no table: load_stage1 names the missing key
+            rows = shape[0] - num_cls
+            if len(shape) != 2 or rows <= 0 or rows % grid_hw:
+                raise ConfigError(f"config error: model.stage2.init_checkpoint = {s2.init_checkpoint!r}: its {key} "
+                                  f"{list(shape)} is not {num_cls} CLS rows + t x {grid_hw} patch rows "
+                                  "(model.encoder.num_cls_tokens, data.img_size / patch_size as in Stage 1?)")
+            pos_frames = rows // grid_hw
     return Stage2ModelConfig(num_frames=cfg.data.num_frames, img_size=cfg.data.img_size,
-                             encoder=copy.deepcopy(m.encoder), predictor=copy.deepcopy(m.predictor))
+                             encoder=copy.deepcopy(m.encoder), predictor=copy.deepcopy(m.predictor),
+                             pos_resample=s2.pos_resample, pos_frames=pos_frames)
 
 
 def to_dict(cfg: Config) -> dict:
@@ -448,6 +481,7 @@ def validate(cfg: Config) -> None:
     _check(tr.max_steps > 0 or tr.epochs > 0, "train.epochs", tr.epochs, "must be positive when train.max_steps is 0")
     _check(tr.lr > 0, "train.lr", tr.lr, "must be positive")
     _check(0 <= tr.min_lr <= tr.lr, "train.min_lr", tr.min_lr, "must be in [0, train.lr]")
+    _check(0 <= tr.warmup_lr <= tr.lr, "train.warmup_lr", tr.warmup_lr, "must be in [0, train.lr]")
     _check(len(tr.betas) == 2 and all(0 <= b < 1 for b in tr.betas), "train.betas", tr.betas, "must be two values in [0, 1)")
     _check(tr.eps > 0, "train.eps", tr.eps, "must be positive")
     _check(tr.weight_decay >= 0, "train.weight_decay", tr.weight_decay, "must be >= 0")

@@ -32,17 +32,39 @@ def interpolate_time(
     return out[0].transpose(0, 1).reshape(t_new * n_s, d).to(table.dtype)
 
 
+def resample_table(table: torch.Tensor, num_cls: int, t_new: int, h: int, w: int, *,
+                   align_corners: bool) -> torch.Tensor:
+    """A whole (num_cls + t*h*w, D) table (e.g. a checkpoint's ``pos.table``) resampled in time to
+    ``t_new`` frames by :func:`interpolate_time`, CLS rows kept; ``t`` is read from its row count.
+
+    ``align_corners=False`` gives the rows a :class:`PositionTable` with ``resample_time`` uses
+    in its forward, e.g. to export a Stage-2 encoder trained that way at its clip length.
+    """
+    rows = table.shape[0] - num_cls if table.ndim == 2 else -1
+    if rows <= 0 or rows % (h * w):
+        raise ValueError(f"a table of shape {tuple(table.shape)} is not {num_cls} CLS rows + t x {h} x {w} patch rows")
+    patch = interpolate_time(table[num_cls:], rows // (h * w), t_new, h, w, align_corners=align_corners)
+    return torch.cat([table[:num_cls], patch], dim=0)
+
+
 class PositionTable(nn.Module):
     """A (num_cls + t*h*w, dim) position table: CLS rows first (zero at init), then sincos_3d.
 
     ``learnable=True``: the table is a parameter ``table`` (in the state dict).
     ``learnable=False``: a fixed non-persistent buffer ``table`` (not in the state dict);
     :meth:`patch_rows_for` then also serves other grids by computing sincos on the fly.
+
+    ``resample_time=True`` (learnable tables; :meth:`store_time_rows`): the parameter keeps its
+    own time rows and a call for another frame count (same h, w) resamples them linearly in time
+    with ``align_corners=False`` on every call (the release's Stage 2), the gradient flowing back
+    to the stored rows. Without it a learnable table serves only its own grid.
     """
 
-    def __init__(self, dim: int, t: int, h: int, w: int, num_cls: int = 0, learnable: bool = False):
+    def __init__(self, dim: int, t: int, h: int, w: int, num_cls: int = 0, learnable: bool = False,
+                 resample_time: bool = False):
         super().__init__()
         self.dim, self.grid, self.num_cls, self.learnable = dim, (t, h, w), num_cls, learnable
+        self.resample_time = resample_time
         init = self._initial()
         if learnable:
             self.table = nn.Parameter(init)
@@ -58,8 +80,13 @@ class PositionTable(nn.Module):
         """Refill the table with its initial values (CLS rows zero, sincos patch rows)."""
         self.table.copy_(self._initial())
 
-    def forward(self) -> torch.Tensor:
-        return self.table
+    def forward(self, grid: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """The whole (num_cls + t*h*w, dim) table: the stored one (``grid`` None or the table's own),
+        or the CLS rows followed by :meth:`patch_rows_for` ``grid``. Call the module (not
+        :meth:`patch_rows_for`) from outside a parent's forward, so that ZeRO-3 gathers ``table``."""
+        if grid is None or tuple(grid) == self.grid:
+            return self.table
+        return torch.cat([self.cls, self.patch_rows_for(*grid).to(self.table.dtype)], dim=0)
 
     @property
     def num_patches(self) -> int:
@@ -78,15 +105,43 @@ class PositionTable(nn.Module):
 
     def patch_rows_for(self, t: int, h: int, w: int) -> torch.Tensor:
         """Patch rows for a (t, h, w) grid: the table's own rows for its grid; fixed tables
-        compute sincos for any other grid, learnable ones raise (use :meth:`resize_time`)."""
+        compute sincos for any other grid; learnable ones with ``resample_time`` resample their
+        stored time rows to ``t`` (``align_corners=False``, differentiable), otherwise raise
+        (use :meth:`resize_time`)."""
         if (t, h, w) == self.grid:
             return self.patch
         if self.learnable:
+            if self.resample_time and (h, w) == self.grid[1:]:
+                return interpolate_time(self.patch, self.grid[0], t, h, w, align_corners=False)
             raise ValueError(
                 f"learnable position table is for grid {self.grid}, input grid is {(t, h, w)}; "
-                "call resize_time() (time) or build the model for this size"
+                + ("it resamples time only, not the spatial grid"
+                   if self.resample_time else "call resize_time() (time) or build the model for this size")
             )
         return sincos_3d(self.dim, t, h, w).to(device=self.table.device, dtype=self.table.dtype)
+
+    @torch.no_grad()
+    def store_time_rows(self, t: int) -> None:
+        """Resample per call from ``t`` stored time rows (the release's Stage 2).
+
+        A learnable table becomes a (num_cls + t*h*w, dim) parameter at its initial values (CLS
+        rows zero, sincos for ``t`` frames; load the checkpoint's rows afterwards) with
+        ``resample_time`` on, so that :meth:`patch_rows_for` serves any frame count from it. For
+        a fixed table nothing changes (it computes sincos for any grid). Replaces the parameter
+        object: call it before an optimiser holds the table.
+        """
+        if t < 1:
+            raise ValueError(f"a position table needs at least one time row, got {t}")
+        if not self.learnable:
+            return
+        _, h, w = self.grid
+        self.resample_time = True
+        if t == self.grid[0]:
+            return
+        self.grid = (t, h, w)
+        old = self.table
+        self.table = nn.Parameter(self._initial().to(device=old.device, dtype=old.dtype),
+                                  requires_grad=old.requires_grad)
 
     @torch.no_grad()
     def resize_time(self, t_new: int, *, align_corners: bool = True) -> None:
@@ -107,4 +162,5 @@ class PositionTable(nn.Module):
         self.grid = (t_new, h, w)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, grid={self.grid}, num_cls={self.num_cls}, learnable={self.learnable}"
+        return (f"dim={self.dim}, grid={self.grid}, num_cls={self.num_cls}, learnable={self.learnable}"
+                + (", resample_time=True" if self.resample_time else ""))

@@ -10,11 +10,22 @@ model's parameter names, so a Stage-1 state dict loads by name (:meth:`Stage2Mod
 ``head`` (Linear-GELU-Linear-LayerNorm, then l2, the release's Stage-2 decoder) is new. The
 teacher is part of the module (an EMA teacher is checkpointed with the run); it never needs a
 gradient, has no drop-path and stays in eval mode.
+
+Learnable position tables (``encoder.pos``, ``teacher.pos``, ``predictor_pos``) of a Stage-1 run
+with another frame count (16 -> 32 in the paper), :attr:`Stage2ModelConfig.pos_resample`:
+
+- ``"per_forward"`` (the release): the tables keep the Stage-1 time rows
+  (:attr:`Stage2ModelConfig.pos_frames`) as their parameters, and every forward resamples them
+  linearly to the clip's frames with ``align_corners=False`` (``F.interpolate``'s default, the
+  release's ``expand_pos_embed``); their gradient reaches the stored rows;
+- ``"at_load"``: the tables have the clip's frames; :meth:`Stage2Model.load_stage1` resamples the
+  checkpoint's rows once (``align_corners=True``: the first and last frames keep their rows).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -22,7 +33,7 @@ import torch.nn.functional as F
 
 from ivfast.models.encoder import EncoderConfig, VideoEncoder
 from ivfast.models.heads import MLPHead, cosine_align_loss
-from ivfast.models.pos_embed import PositionTable, interpolate_time
+from ivfast.models.pos_embed import PositionTable, resample_table
 from ivfast.models.predictor import Predictor, PredictorConfig, predict_masked
 from ivfast.models.weights import LoadReport
 from ivfast.ops.token_gather import gather_tokens
@@ -34,6 +45,7 @@ STAGE1_ONLY_PREFIXES = ("align_pos.", "align_heads.", "pool.", "final_head.", "d
 # What Stage 2 takes from a Stage-1 state dict.
 STUDENT_PREFIXES = ("encoder.", "predictor.", "predictor_pos.")
 STUDENT_KEYS = ("mask_token",)
+POS_RESAMPLES = ("per_forward", "at_load")
 
 
 @dataclass
@@ -42,6 +54,11 @@ class Stage2ModelConfig:
     img_size: int = 224
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    # Learnable position tables, see the module docstring: "per_forward" keeps ``pos_frames`` time
+    # rows (the Stage-1 checkpoint's; 0: the clip's, num_frames // tubelet) and resamples them in
+    # every forward; "at_load" keeps the clip's and load_stage1 resamples the checkpoint's once.
+    pos_resample: Literal["per_forward", "at_load"] = "per_forward"
+    pos_frames: int = 0
 
 
 class Stage2Model(nn.Module):
@@ -53,15 +70,24 @@ class Stage2Model(nn.Module):
         self.cfg = cfg
         self.encoder = VideoEncoder.from_config(e, num_frames=cfg.num_frames, img_size=cfg.img_size)
         grid = self.encoder.grid
+        pos_t = _stored_time_rows(cfg, grid[0])
         self.mask_token = nn.Parameter(torch.zeros(e.width))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.predictor_pos = PositionTable(e.width, *grid, num_cls=e.num_cls_tokens, learnable=e.pos_learnable)
         self.predictor = Predictor.from_config(p, e.width)
         self.head = MLPHead(p.width, e.width, l2=True)
         self.teacher = VideoEncoder.from_config(e, num_frames=cfg.num_frames, img_size=cfg.img_size, drop_path=0.0)
+        if cfg.pos_resample == "per_forward":  # draws nothing: every other parameter is as without it
+            for table in (self.encoder.pos, self.predictor_pos, self.teacher.pos):
+                table.store_time_rows(pos_t)
         self.teacher.requires_grad_(False)
         self.copy_encoder_to_teacher()
         self.teacher.eval()
+
+    @property
+    def pos_tables(self) -> dict[str, PositionTable]:
+        """The student's position tables by state-dict key (the teacher's follows the encoder's)."""
+        return {"encoder.pos.table": self.encoder.pos, "predictor_pos.table": self.predictor_pos}
 
     @property
     def loss_names(self) -> list[str]:
@@ -113,7 +139,8 @@ class Stage2Model(nn.Module):
 
     def view_loss(self, patches, grid, targets, visible_idx, masked_idx) -> torch.Tensor:
         enc = self.encoder(patches, visible_idx, grid)
-        z = predict_masked(self.predictor, self.predictor_pos(), self.mask_token, enc, visible_idx, masked_idx)
+        pos = self.predictor_pos(grid)  # per_forward: resampled to the clip's frames
+        z = predict_masked(self.predictor, pos, self.mask_token, enc, visible_idx, masked_idx)
         pred = self.head(z)  # per token: the head at the masked positions only
         return cosine_align_loss(pred, gather_tokens(targets, masked_idx))
 
@@ -133,11 +160,12 @@ class Stage2Model(nn.Module):
     def load_stage1(self, state_dict: dict, *, align_corners: bool = True) -> LoadReport:
         """Load the student from a Stage-1 state dict and copy its encoder into the teacher.
 
-        Alignment / reconstruction keys are dropped; learnable position tables
-        (``encoder.pos.table``, ``predictor_pos.table``) are interpolated in time when the
-        checkpoint's frame count differs (``interpolate_time``, ``align_corners`` as there; the
-        release uses ``F.interpolate``'s default, ``align_corners=False``). Raises ValueError
-        naming the keys when a needed key is missing or a shape does not match.
+        Alignment / reconstruction keys are dropped. Learnable position tables
+        (``encoder.pos.table``, ``predictor_pos.table``) whose frame count differs from the
+        model's: with ``pos_resample="at_load"`` interpolated in time here (``interpolate_time``,
+        ``align_corners`` as there); with ``"per_forward"`` the model must already store the
+        checkpoint's time rows (``pos_frames``; the forward resamples them), else ValueError.
+        Raises ValueError naming the keys when a needed key is missing or a shape does not match.
         """
         own = self.state_dict()
         needed = [k for k in own if k.startswith(STUDENT_PREFIXES) or k in STUDENT_KEYS]
@@ -158,10 +186,18 @@ class Stage2Model(nn.Module):
                         "checkpoint trained with model.recon=linear or diffusion)")
             raise ValueError(f"Stage-1 state dict lacks {len(missing)} key(s) Stage 2 needs{hint}: "
                              f"{_short(missing)}")
-        for key in ("encoder.pos.table", "predictor_pos.table"):
+        for key, table in self.pos_tables.items():
             if key in taken and taken[key].shape != own[key].shape:
-                table = self.encoder.pos if key.startswith("encoder.") else self.predictor_pos
-                taken[key], t_old = _resize_table(taken[key], table, key, align_corners)
+                t_old = _checkpoint_time_rows(taken[key], table, key)
+                if self.cfg.pos_resample == "per_forward":
+                    raise ValueError(
+                        f"{key}: the Stage-1 checkpoint's table has {t_old} time rows, this Stage-2 model stores "
+                        f"{table.grid[0]} (Stage2ModelConfig.pos_frames={self.cfg.pos_frames}, 0: the clip's) under "
+                        "model.stage2.pos_resample=per_forward; build it with pos_frames="
+                        f"{t_old} (ivfast.config.stage2_config reads it from model.stage2.init_checkpoint) "
+                        "or use model.stage2.pos_resample=at_load")
+                taken[key] = resample_table(taken[key].float(), table.num_cls, table.grid[0], *table.grid[1:],
+                                            align_corners=align_corners)
                 report.interpolated[key] = (t_old, table.grid[0])
         bad = [f"{k}: checkpoint {tuple(taken[k].shape)} vs model {tuple(own[k].shape)}"
                for k in needed if taken[k].shape != own[k].shape]
@@ -177,9 +213,12 @@ class Stage2Model(nn.Module):
         if report.unexpected:
             log.warning("load_stage1: ignored %d unexpected key(s): %s", len(report.unexpected),
                         _short(report.unexpected))
-        log.info("load_stage1: %d student tensors loaded, %d Stage-1-only dropped, new: %s%s", len(needed),
+        resampled = [f"; {k} resampled {t.grid[0]} -> {self.encoder.grid[0]} frames in every forward"
+                     for k, t in self.pos_tables.items() if t.resample_time and t.grid[0] != self.encoder.grid[0]]
+        log.info("load_stage1: %d student tensors loaded, %d Stage-1-only dropped, new: %s%s%s", len(needed),
                  len(report.ignored), _short(report.kept),
-                 "".join(f"; {k} interpolated {a} -> {b} frames" for k, (a, b) in report.interpolated.items()))
+                 "".join(f"; {k} interpolated {a} -> {b} frames" for k, (a, b) in report.interpolated.items()),
+                 "".join(resampled))
         return report
 
 
@@ -187,14 +226,24 @@ def _short(keys: list, n: int = 6) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def _resize_table(value: torch.Tensor, table: PositionTable, key: str, align_corners: bool):
-    """Interpolate a checkpoint position table (num_cls + t_old*h*w, D) in time to ``table``'s grid."""
-    t_new, h, w = table.grid
+def _stored_time_rows(cfg: Stage2ModelConfig, clip_t: int) -> int:
+    """The time rows the learnable tables store (checked against ``pos_resample``)."""
+    if cfg.pos_resample not in POS_RESAMPLES:
+        raise ValueError(f"pos_resample must be one of {POS_RESAMPLES}, got {cfg.pos_resample!r}")
+    if cfg.pos_frames < 0:
+        raise ValueError(f"pos_frames must be >= 0 (0: the clip's {clip_t} time rows), got {cfg.pos_frames}")
+    if cfg.pos_resample == "at_load" and cfg.pos_frames not in (0, clip_t):
+        raise ValueError(f"pos_frames={cfg.pos_frames} needs pos_resample='per_forward': under 'at_load' the "
+                         f"tables have the clip's {clip_t} time rows")
+    return cfg.pos_frames or clip_t
+
+
+def _checkpoint_time_rows(value: torch.Tensor, table: PositionTable, key: str) -> int:
+    """The time rows of a checkpoint position table (num_cls + t*h*w, D) for ``table``'s h, w, D."""
+    _, h, w = table.grid
     rows = value.shape[0] - table.num_cls
     if value.ndim != 2 or value.shape[1] != table.dim or rows <= 0 or rows % (h * w):
         raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} cannot be a position table for "
                          f"{table.num_cls} CLS rows + t x {h} x {w} patches of width {table.dim} "
                          "(only the frame count may differ between Stage 1 and Stage 2)")
-    t_old = rows // (h * w)
-    patch = interpolate_time(value[table.num_cls:].float(), t_old, t_new, h, w, align_corners=align_corners)
-    return torch.cat([value[: table.num_cls].float(), patch], dim=0), t_old
+    return rows // (h * w)

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from ivfast.models.pos_embed import PositionTable, interpolate_time
+import torch.nn.functional as F
+
+from ivfast.models.pos_embed import PositionTable, interpolate_time, resample_table
 from ivfast.ops.sincos import sincos_1d, sincos_2d, sincos_3d
 
 
@@ -136,3 +138,48 @@ def test_position_table_resize_time():
     fixed.resize_time(8)
     assert torch.equal(fixed.patch, sincos_3d(32, 8, 2, 2)) and len(fixed.state_dict()) == 0
     assert "table" in dict(fixed.named_buffers())
+
+
+def test_position_table_resampled_per_call():
+    """store_time_rows: the parameter keeps t stored frames; each call resamples them to the
+    requested frames with align_corners=False (the release's Stage 2), differentiably."""
+    learn = PositionTable(32, 8, 2, 3, num_cls=2, learnable=True)
+    learn.store_time_rows(4)
+    assert learn.grid == (4, 2, 3) and learn.resample_time and isinstance(learn.table, torch.nn.Parameter)
+    assert learn.table.shape == (2 + 4 * 6, 32) and torch.equal(learn.patch, sincos_3d(32, 4, 2, 3))
+    with torch.no_grad():
+        learn.table.add_(torch.randn_like(learn.table))
+    stored = learn.patch.detach().reshape(4, 6 * 32).t()[None]
+    expect = F.interpolate(stored, size=8, mode="linear", align_corners=False)[0].t().reshape(8 * 6, 32)
+    torch.testing.assert_close(learn.patch_rows_for(8, 2, 3), expect, rtol=0, atol=1e-6)
+    assert torch.equal(learn.patch_rows_for(4, 2, 3), learn.patch)  # its own frames: the rows themselves
+    full = learn((8, 2, 3))
+    assert torch.equal(full[:2], learn.cls) and torch.equal(full[2:], learn.patch_rows_for(8, 2, 3))
+    assert learn() is learn.table
+    full.sum().backward()
+    assert learn.table.grad.shape == learn.table.shape and torch.all(learn.table.grad[2:] > 0)
+    with pytest.raises(ValueError, match="resamples time only"):
+        learn.patch_rows_for(8, 3, 3)
+    fixed = PositionTable(32, 8, 2, 3, num_cls=2)
+    fixed.store_time_rows(4)  # fixed tables compute sincos for any grid: unchanged
+    assert fixed.grid == (8, 2, 3) and len(fixed.state_dict()) == 0
+    with pytest.raises(ValueError):
+        learn.store_time_rows(0)
+
+
+def test_resample_table_and_the_two_modes_at_16_to_32_frames():
+    table = torch.cat([torch.randn(3, 32), torch.randn(4 * 6, 32)])
+    for ac in (True, False):
+        out = resample_table(table, 3, 9, 2, 3, align_corners=ac)
+        assert torch.equal(out[:3], table[:3])
+        torch.testing.assert_close(out[3:], interpolate_time(table[3:], 4, 9, 2, 3, align_corners=ac))
+    with pytest.raises(ValueError):
+        resample_table(table, 3, 9, 5, 5, align_corners=False)
+    # at load (align_corners=True) vs per forward (False) on the sincos table, 16 -> 32 frames:
+    # up to 0.21 apart (the highest temporal frequency); both keep the first and last frames
+    sc = sincos_3d(64, 16, 2, 2)
+    at_load = interpolate_time(sc, 16, 32, 2, 2, align_corners=True)
+    per_forward = interpolate_time(sc, 16, 32, 2, 2, align_corners=False)
+    diff = (at_load - per_forward).abs()
+    assert diff.max().item() == pytest.approx(0.2096, abs=1e-3)
+    assert diff.reshape(32, -1)[0].max() == 0 and diff.reshape(32, -1)[-1].max() == 0
