@@ -12,7 +12,7 @@ from ivfast.ops import dispatch
 from ivfast.ops.attention import set_backend
 from ivfast.training import distributed
 from ivfast.training.ds_config import deepspeed_config
-from ivfast.training.optim import build_optimizer
+from ivfast.training.optim import build_optimizer, effective_lr
 
 
 @dataclass
@@ -48,7 +48,8 @@ def build_engine(cfg: Config, step, rt: Runtime):
     import deepspeed
 
     step.to(rt.device, rt.dtype)
-    optimizer = build_optimizer(step.model, cfg.train, rt.device)
+    lr = effective_lr(cfg.train, cfg.data.batch_size, rt.dist.world).lr  # train.lr_scaling applied
+    optimizer = build_optimizer(step.model, cfg.train, rt.device, lr=lr)
     engine, _, _, _ = deepspeed.initialize(model=step.model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, rt.bf16), dist_init_required=False)
     return engine

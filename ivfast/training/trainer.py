@@ -24,7 +24,7 @@ from ivfast.rng import SampleRNG, mix64
 from ivfast.training import checkpoint, distributed
 from ivfast.training.engine import build_engine, init_runtime
 from ivfast.training.metrics import MetricsWriter, Progress, peak_memory_mb
-from ivfast.training.optim import LRSchedule
+from ivfast.training.optim import LRSchedule, effective_lr
 from ivfast.training.phase_tracker import PhaseTracker, phase, watch_stage1
 from ivfast.training.step import build_step
 
@@ -80,7 +80,8 @@ def train(cfg: Config) -> dict:
         raise ValueError(f"an epoch has {len(sampler)} batches, fewer than train.grad_accum = {ga}")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     warmup = cfg.train.warmup_steps or round(cfg.train.warmup_epochs * steps_per_epoch)
-    schedule = LRSchedule(cfg.train.lr, cfg.train.min_lr, total_steps, warmup)
+    eff = effective_lr(cfg.train, cfg.data.batch_size, dist.world)
+    schedule = LRSchedule(eff.lr, eff.min_lr, total_steps, warmup, eff.warmup_lr)
     engine = build_engine(cfg, step, rt)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "bad_videos": 0, "samples": 0}
@@ -96,6 +97,9 @@ def train(cfg: Config) -> dict:
         log.info("%d samples, %d steps per epoch, %d steps in all (warmup %d); %s", len(dataset), steps_per_epoch,
                  total_steps, warmup, f"resuming from {resumed_from} at step {state['step']}" if resumed_from
                  else "starting from scratch")
+        log.info("lr: base %g (lr_scaling %s), global batch %d (%d per rank x %d ranks x %d accumulation), "
+                 "factor %g -> lr %g, min_lr %g, warmup_lr %g", cfg.train.lr, cfg.train.lr_scaling,
+                 eff.global_batch, cfg.data.batch_size, dist.world, ga, eff.factor, eff.lr, eff.min_lr, eff.warmup_lr)
 
     stop = StopRequested()
     metrics = MetricsWriter(os.path.join(out_dir, "metrics.jsonl"), dist.is_main)

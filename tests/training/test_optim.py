@@ -8,7 +8,11 @@ from ivfast.training.optim import LRSchedule, lr_factor, param_groups
 
 def test_schedule_warmup_then_cosine():
     s = LRSchedule(base_lr=1e-3, min_lr=1e-5, total_steps=110, warmup_steps=10)
-    assert math.isclose(s.lr(0), 1e-4) and math.isclose(s.lr(9), 1e-3)
+    # The release's warmup: linspace(0, lr, warmup_steps), so 0 at step 0 and lr at step 9.
+    assert s.lr(0) == 0.0 and math.isclose(s.lr(3), 1e-3 * 3 / 9) and math.isclose(s.lr(9), 1e-3)
+    w = LRSchedule(base_lr=1e-3, min_lr=1e-5, total_steps=110, warmup_steps=10, warmup_lr=1e-4)
+    assert w.lr(0) == 1e-4 and math.isclose(w.lr(3), 1e-4 + 9e-4 * 3 / 9) and math.isclose(w.lr(9), 1e-3)
+    assert all(w.lr(i) == s.lr(i) for i in range(10, 120))
     assert math.isclose(s.lr(10), 1e-3)
     mid = 10 + 50
     assert math.isclose(s.lr(mid), 1e-5 + (1e-3 - 1e-5) * 0.5, rel_tol=1e-9)
@@ -33,7 +37,7 @@ def test_weight_decay_excludes_biases_norms_positions_tokens():
             self.frozen.requires_grad_(False)
 
     m = M()
-    groups = param_groups(m, 0.05)
+    groups = param_groups(m, 0.05, "all_tables")
     decay = {id(p) for p in groups[0]["params"]}
     no_decay = {id(p) for p in groups[1]["params"]}
     assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
