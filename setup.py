@@ -13,6 +13,10 @@ setup(
     extras_require={
         # GPU machines: FlashAttention and NVIDIA DALI (CUDA 13 build). Neither installs on a CPU machine.
         "gpu": ["flash-attn>=2.7"],
+        # Tests: import contracts; transformers for the parity tests of the teacher and predictor
+        # loaders (tests/models/test_transformers_parity.py, skipped without it). transformers pulls
+        # no torchvision and keeps the installed torch. Keep in step with requirements-dev.txt.
+        "test": ["import-linter==2.17", "transformers==5.23.0"],
     },
     entry_points={"console_scripts": ["ivfast-train=ivfast.train:main", "ivfast-export=ivfast.export:main",
                                         "ivfast-probe=ivfast.probes.cli:main", "ivfast-data=ivfast.data.cli:main",

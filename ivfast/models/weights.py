@@ -476,12 +476,44 @@ _MB_LAYER_KEYS = ("attn_norm.weight", "attn.Wqkv.weight", "attn.Wo.weight", "mlp
                   "mlp.Wo.weight")
 
 
-def _check_modernbert_config(ck, predictor, report: LoadReport) -> int:
-    """Checks against config.json; returns the checkpoint's global_attn_every_n_layers (3 by default)."""
+def _modernbert_rope_thetas(cfg: dict) -> dict:
+    """{"global": theta, "local": theta, "global_type": rope_type, "local_type": rope_type}, each
+    present only when config.json says it. transformers >= 5 writes ``rope_parameters``
+    (``{"full_attention": {"rope_theta", "rope_type"}, "sliding_attention": {...}}``) instead of
+    the older ``global_rope_theta`` / ``local_rope_theta``; both are read (the newer first)."""
+    out = {}
+    rp = cfg.get("rope_parameters")
+    for kind, layer_type, legacy in (("global", "full_attention", "global_rope_theta"),
+                                     ("local", "sliding_attention", "local_rope_theta")):
+        entry = rp.get(layer_type) if isinstance(rp, dict) else None
+        if isinstance(entry, dict):
+            if entry.get("rope_theta") is not None:
+                out[kind] = float(entry["rope_theta"])
+            if entry.get("rope_type") is not None:
+                out[kind + "_type"] = str(entry["rope_type"])
+        if kind not in out and cfg.get(legacy) is not None:
+            out[kind] = float(cfg[legacy])
+    return out
+
+
+def _check_modernbert_config(ck, predictor, report: LoadReport) -> Callable[[int], bool]:
+    """Checks against config.json; returns ``is_global(checkpoint layer id)``: the checkpoint's
+    attention pattern. transformers >= 5 writes the pattern as ``layer_types`` (one
+    ``"full_attention"`` / ``"sliding_attention"`` per layer, not necessarily periodic) and the
+    RoPE thetas inside ``rope_parameters``; older configs carry ``global_attn_every_n_layers``
+    (layer i global when i % n == 0; 3 by default, also when there is no config.json) and
+    ``global_rope_theta`` / ``local_rope_theta``."""
     cfg = ck.config() or {}
     every = int(cfg.get("global_attn_every_n_layers", 3) or 3)
+    types = cfg.get("layer_types")
+    if isinstance(types, list) and all(t in ("full_attention", "sliding_attention") for t in types):
+        def is_global(cid: int, types=types, every=every) -> bool:
+            return types[cid] == "full_attention" if cid < len(types) else cid % every == 0
+    else:
+        def is_global(cid: int, every=every) -> bool:
+            return cid % every == 0
     if not cfg:
-        return every
+        return is_global
     report.config_checked = True
     heads = cfg.get("num_attention_heads")
     if heads is not None and int(heads) != predictor.heads:
@@ -490,18 +522,23 @@ def _check_modernbert_config(ck, predictor, report: LoadReport) -> int:
     local = cfg.get("local_attention")
     if local is not None and int(local) != predictor.window:
         _note(report, f"weights: config.json local_attention is {local}, the predictor's window {predictor.window}")
-    for key, want in (("global_rope_theta", [l.rope_theta for l in predictor.layers if l.is_global]),
-                      ("local_rope_theta", [l.rope_theta for l in predictor.layers if not l.is_global])):
-        got = cfg.get(key)
-        if got is not None and want and any(abs(float(got) - w) > 1e-6 * max(1.0, w) for w in want):
-            _note(report, f"weights: config.json {key} is {got}, the predictor uses {sorted(set(want))}")
+    thetas = _modernbert_rope_thetas(cfg)
+    for kind, is_g in (("global", True), ("local", False)):
+        got = thetas.get(kind)
+        want = [l.rope_theta for l in predictor.layers if l.is_global == is_g]
+        if got is not None and want and any(abs(got - w) > 1e-6 * max(1.0, w) for w in want):
+            _note(report, f"weights: config.json {kind} RoPE theta is {got}, the predictor uses {sorted(set(want))}")
+        rope_type = thetas.get(kind + "_type", "default")
+        if want and rope_type != "default":
+            _note(report, f"weights: config.json {kind} RoPE type is '{rope_type}'; the predictor's RoPE is the "
+                          f"default (unscaled) one")
     eps = cfg.get("norm_eps")
     if eps is not None and predictor.layers and abs(float(eps) - predictor.layers[0].attn_norm.eps) > 1e-12:
         _note(report, f"weights: config.json norm_eps is {eps}, the predictor's {predictor.layers[0].attn_norm.eps}")
     act = cfg.get("hidden_activation")
     if act is not None and act != "gelu":
         _note(report, f"weights: config.json hidden_activation is '{act}', the predictor's GeGLU uses exact GELU")
-    return every
+    return is_global
 
 
 def load_modernbert_predictor(predictor, path: str, layers="last", *, strict: bool = True) -> LoadReport:
@@ -510,8 +547,11 @@ def load_modernbert_predictor(predictor, path: str, layers="last", *, strict: bo
     ``layers``: ``"last"`` (the checkpoint's last ``len(predictor.layers)`` layers) or the
     checkpoint layer ids to take, one per predictor layer. A taken layer id that differs from
     the predictor's own id (``first_layer_id + i``) is loaded with a warning, since the
-    predictor decides global/local attention and RoPE theta from its own ids. ModernBERT's
-    layer 0 has no ``attn_norm`` (Identity): taking it keeps our LayerNorm, with a warning.
+    predictor decides global/local attention and RoPE theta from its own ids; and so is a
+    checkpoint whose global/local pattern (config.json ``layer_types``, else
+    ``global_attn_every_n_layers``, else every 3rd) differs from the predictor's at the taken
+    layers, ids equal or not. ModernBERT's layer 0 has no ``attn_norm`` (Identity): taking it
+    keeps our LayerNorm, with a warning.
     ``predictor.in_proj`` is never loaded (it stays as initialised). Embeddings, final norm
     and MLM head of the checkpoint are ignored and counted.
     """
@@ -542,7 +582,7 @@ def load_modernbert_predictor(predictor, path: str, layers="last", *, strict: bo
             if absent:
                 raise WeightLoadError(f"{ck.path}: checkpoint layers {absent} do not exist (it has ids {ids[0]}..{ids[-1]})"
                                       if ids else f"{ck.path}: the checkpoint has no layers")
-        every = _check_modernbert_config(ck, predictor, report)
+        ck_is_global = _check_modernbert_config(ck, predictor, report)
 
         shapes = {n: tuple(t.shape) for n, t in predictor.named_parameters()}
         pieces = []
@@ -576,12 +616,15 @@ def load_modernbert_predictor(predictor, path: str, layers="last", *, strict: bo
         report.loaded, report.source_dtypes = _write(ck, present, predictor)
 
     ours = predictor.layer_ids
+    pattern = [("global" if ck_is_global(c) else "local") for c in taken]
+    mine = [("global" if layer.is_global else "local") for layer in predictor.layers]
+    differs = f"attention pattern differs: checkpoint {pattern}, predictor {mine}"
     if taken != ours:
-        pattern = [("global" if c % every == 0 else "local") for c in taken]
-        mine = [("global" if layer.is_global else "local") for layer in predictor.layers]
-        extra = (f"; attention pattern differs: checkpoint {pattern}, predictor {mine}" if pattern != mine else "")
+        extra = f"; {differs}" if pattern != mine else ""
         _note(report, f"weights: checkpoint layers {taken} loaded into predictor layers with ids {ours} "
                       f"(model.predictor.first_layer_id = {ours[0] if ours else '-'}){extra}")
+    elif pattern != mine:  # same ids, another global/local rule (model.predictor.global_every, layer_types)
+        _note(report, f"weights: checkpoint layers {taken}: {differs} (model.predictor.global_every)")
     if report.missing:
         _note(report, f"weights: {_format_keys(report.missing)} absent (ModernBERT's layer 0 has no attn_norm, "
                       f"an Identity); the predictor keeps its LayerNorm there, so that layer differs from ModernBERT's")
