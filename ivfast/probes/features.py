@@ -12,11 +12,12 @@ from ivfast.probes.config import BackboneConfig
 
 def load_encoder(b: BackboneConfig):
     """The ``VideoEncoder`` named by ``b`` (eval mode, drop-path off)."""
-    from ivfast.export import build_encoder, encoder_kwargs, encoder_state, load_exported_encoder
+    from ivfast.export import build_encoder, encoder_kwargs, is_pretrained_dir, load_exported_encoder, run_encoder_state
 
-    if b.source == "export":
-        if not os.path.isfile(os.path.join(b.export_dir, "encoder.yaml")):
-            raise FileNotFoundError(f"backbone.export_dir {b.export_dir!r} has no encoder.yaml (run ivfast-export)")
+    if b.source == "export":  # either layout: config.json + model.safetensors, or encoder.yaml + encoder.safetensors
+        if not is_pretrained_dir(b.export_dir):
+            raise FileNotFoundError(f"backbone.export_dir {b.export_dir!r} holds no encoder export (config.json + "
+                                    "model.safetensors, or encoder.yaml + encoder.safetensors): run ivfast-export")
         return load_exported_encoder(b.export_dir, drop_path=0.0)
     if b.source == "checkpoint":
         from ivfast.checkpoint_io import find_run_dir, load_model_state
@@ -29,9 +30,10 @@ def load_encoder(b: BackboneConfig):
                 raise FileNotFoundError(f"no config.yaml found for backbone.checkpoint {b.checkpoint!r}; "
                                         "set backbone.run_config")
             run_config = os.path.join(run_dir, "config.yaml")
-        kwargs = encoder_kwargs(load_config(run_config))
+        cfg = load_config(run_config)
+        kwargs = encoder_kwargs(cfg)
         kwargs["drop_path"] = 0.0
-        return build_encoder(kwargs, encoder_state(load_model_state(b.checkpoint))).eval()
+        return build_encoder(kwargs, run_encoder_state(cfg, load_model_state(b.checkpoint))[0]).eval()
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(b.random_seed)
     try:

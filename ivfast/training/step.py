@@ -19,7 +19,9 @@ from ivfast.checkpoint_io import load_model_state
 from ivfast.config import Config, stage1_config, stage2_config
 from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ivfast.masks import MaskInfo, multiblock_masks, semantic_mask, tube_mask
+from ivfast.models.init import apply_init
 from ivfast.models.layers import count_parameters
+from ivfast.models.pretrained import load_encoder_weights
 from ivfast.models.stage1 import Stage1Model
 from ivfast.models.stage2 import Stage2Model
 from ivfast.models.teacher import SigLIPTeacher, TeacherOutput, prepare_teacher_input, teacher_return_layers
@@ -75,6 +77,17 @@ def visible_teacher_layers(layers: torch.Tensor, visible_idx: torch.Tensor) -> t
     return layers.reshape(k, b, -1, w).gather(2, idx)
 
 
+def init_encoder_from(encoder, export_dir: str) -> bool:
+    """Load ``model.init_from`` (an ``ivfast-export`` directory, also ``--from-release``) into the
+    run's encoder; False when the key is empty. Any architecture difference but the frame count stops
+    the run (:func:`ivfast.models.pretrained.load_encoder_weights`)."""
+    if not export_dir:
+        return False
+    report = load_encoder_weights(encoder, export_dir)
+    log.info("encoder initialised from %s: %s", export_dir, report.summary())
+    return True
+
+
 def draw_mask(cfg: Config, rng: SampleRNG, grid: tuple[int, int, int], saliency=None) -> MaskInfo:
     """The step's Stage-1 mask from each clip's ``mask`` stream: semantic (teacher saliency) or tube."""
     m = cfg.model
@@ -86,11 +99,13 @@ def draw_mask(cfg: Config, rng: SampleRNG, grid: tuple[int, int, int], saliency=
 
 
 def draw_views(cfg: Config, rng: SampleRNG, grid: tuple[int, int, int]) -> list[MaskInfo]:
-    """The step's two Stage-2 multi-block views from each clip's ``stage2_mask`` stream."""
+    """The step's two Stage-2 multi-block views from each clip's ``stage2_mask`` stream
+    (``model.stage2.equalise`` and ``block_shape``: see :mod:`ivfast.masks.multiblock`)."""
     s = cfg.model.stage2
     return multiblock_masks(len(rng), grid, rng.generators("stage2_mask"), small_blocks=s.small_blocks,
                             small_scale=s.small_scale, large_blocks=s.large_blocks, large_scale=s.large_scale,
-                            aspect=(s.aspect_min, s.aspect_max), max_visible=s.max_visible)
+                            aspect=(s.aspect_min, s.aspect_max), max_visible=s.max_visible,
+                            equalise=s.equalise, block_shape=s.block_shape)
 
 
 def reconstruction_subset(masked_idx: torch.Tensor, ratio: float, rng: SampleRNG) -> torch.Tensor:
@@ -145,6 +160,8 @@ class Stage1Step(Step):
                      mc.diffusion.chunk_rows, cfg.deepspeed.zero_stage)
             mc.diffusion.chunk_rows = 0
         self.model = Stage1Model(mc)
+        apply_init(self.model, cfg.model.init)  # before any weights are loaded into it
+        init_encoder_from(self.model.encoder, cfg.model.init_from)
         init = cfg.model.predictor.init_weights
         if init and mc.recon != "none":  # ModernBERT text weights for the predictor's layers
             report = load_modernbert_predictor(self.model.predictor, init)
@@ -191,7 +208,10 @@ class Stage2Step(Step):
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.model = Stage2Model(stage2_config(cfg))
+        apply_init(self.model, cfg.model.init)  # before the Stage-1 weights are loaded
         self.model.load_stage1(load_model_state(cfg.model.stage2.init_checkpoint))
+        if init_encoder_from(self.model.encoder, cfg.model.init_from):  # the student and its teacher
+            self.model.copy_encoder_to_teacher()
         apply_activation_checkpointing(self.model, cfg.model.checkpointing)
         self.loss_names = self.model.loss_names
 

@@ -47,6 +47,17 @@ def tag_dir(run):
     return os.path.join(run, "checkpoints", "step_00000002")
 
 
+def _export_model(tmp_path, cfg, model, name: str) -> str:
+    """``ivfast-export`` of ``model``'s state saved as a run (config.yaml + model.safetensors); the out dir."""
+    run = tmp_path / f"{name}_run"
+    run.mkdir()
+    save_config(cfg, str(run / "config.yaml"))
+    save_safetensors(model.state_dict(), str(run / "model.safetensors"))
+    out = str(tmp_path / name)
+    assert main([str(run / "model.safetensors"), out]) == 0
+    return out
+
+
 def test_zero1_and_zero3_checkpoints_give_the_same_weights(runs):
     a, b = load_model_state(runs["z1"]), load_model_state(runs["z3"])
     model_keys = list(stage1_model(load_config(TINY)).state_dict())
@@ -82,7 +93,7 @@ def test_stage2_bf16_checkpoints_with_a_frozen_teacher(runs):
         assert a[k].dtype == torch.float32
         if k.startswith("teacher."):  # frozen: ZeRO-3 keeps it as bf16 fragments, ZeRO-1 in the module
             src = stage1["encoder." + k[len("teacher."):]]
-            if k == "teacher.pos.table":  # interpolated 4 -> 8 frames when Stage 2 started
+            if k == "teacher.pos.table" and a[k].shape != src.shape:  # at_load: 4 -> 8 frames at the start
                 src = torch.cat([src[:4], interpolate_time(src[4:], 4, 8, 4, 4)])
             assert torch.equal(a[k], b[k]) and torch.equal(a[k], src.bfloat16().float()), k
         else:
@@ -150,7 +161,7 @@ def test_clear_errors(runs, tmp_path):
 def test_export_gives_the_checkpoint_encoder_features(runs, tmp_path):
     out = str(tmp_path / "export")
     assert main([os.path.join(runs["z3"], "checkpoints"), out]) == 0
-    assert sorted(os.listdir(out)) == ["encoder.safetensors", "encoder.yaml"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
     # Both sides on the reference ops (the exported encoder's default), so features must be equal.
     cfg = load_config(os.path.join(runs["z3"], "config.yaml"), ["model.fused_kernels=false"])
     model = stage1_model(cfg)
@@ -169,15 +180,62 @@ def test_export_gives_the_checkpoint_encoder_features(runs, tmp_path):
 def test_full_export_round_trip(runs, tmp_path):
     out = str(tmp_path / "full")
     assert main([runs["z1"], out, "--full"]) == 0
-    assert sorted(os.listdir(out)) == ["config.yaml", "encoder.safetensors", "encoder.yaml", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "config.yaml", "model.safetensors",
+                                       "stage1.safetensors"]
     ref = load_model_state(runs["z1"])
-    full = load_model_state(os.path.join(out, "model.safetensors"))
+    full = load_model_state(os.path.join(out, "stage1.safetensors"))
     assert sorted(full) == sorted(ref) and all(torch.equal(full[k], ref[k]) for k in ref)
     # Exporting from the consolidated file finds its config beside it.
     again = str(tmp_path / "again")
-    assert main([os.path.join(out, "model.safetensors"), again]) == 0
+    assert main([os.path.join(out, "stage1.safetensors"), again]) == 0
     a, b = load_exported_encoder(out), load_exported_encoder(again)
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+
+
+def test_hf_layout_round_trip(tmp_path):
+    """A Stage-1 model state and its run config (no training run needed): config.json's fields, the
+    model card and its license, and from_pretrained's features equal to the model's encoder's."""
+    import json
+
+    from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from ivfast.export import from_pretrained
+    from ivfast.models.pretrained import load_encoder_weights
+
+    cfg = load_config(TINY, ["model.fused_kernels=false"])
+    torch.manual_seed(0)
+    model = stage1_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # not the initial values
+    out = _export_model(tmp_path, cfg, model, "hf")
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    with open(os.path.join(out, "config.json")) as f:
+        info = json.load(f)
+    e = cfg.model.encoder
+    assert info["format"] == "ivfast-encoder/2" and info["architecture"] == "VideoEncoder"
+    assert (info["num_frames"], info["img_size"]) == (cfg.data.num_frames, cfg.data.img_size)
+    assert (info["patch_size"], info["tubelet_size"], info["width"], info["depth"], info["heads"]) == (
+        e.patch_size, e.tubelet_size, e.width, e.depth, e.heads)
+    assert (info["mlp_ratio"], info["num_cls_tokens"], info["gelu"], info["block"]) == (
+        e.mlp_ratio, e.num_cls_tokens, e.gelu, e.block)
+    assert info["mean"] == list(IMAGENET_MEAN) and info["std"] == list(IMAGENET_STD)
+    assert info["source"]["kind"] == "ivfast-run" and info["source"]["stage"] == 1
+    card = open(os.path.join(out, "README.md")).read()
+    assert card.startswith("---\nlicense: other\n") and "## License" in card and "declares no license" in card
+    assert "from ivfast.export import from_pretrained" in card
+    enc = from_pretrained(out)
+    assert not enc.training and enc.grid == model.encoder.grid
+    model.eval()
+    video = torch.randn(2, 3, cfg.data.num_frames, cfg.data.img_size, cfg.data.img_size)
+    vis = torch.arange(0, 64, 3).expand(2, -1)
+    with torch.no_grad():
+        for idx in (None, vis):
+            assert torch.equal(enc(video, idx).tokens, model.encoder(video, idx).tokens)
+    # model.init_from: the export into a fresh run's encoder (the Stage-1 step's call)
+    fresh = stage1_model(cfg)
+    report = load_encoder_weights(fresh.encoder, out)
+    assert len(report.loaded) == len(fresh.encoder.state_dict()) and not report.interpolated
+    assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in fresh.encoder.state_dict().items())
 
 
 def test_stage2_export_takes_the_student_not_the_teacher(tmp_path):
@@ -186,17 +244,35 @@ def test_stage2_export_takes_the_student_not_the_teacher(tmp_path):
     with torch.no_grad():
         for p in model.encoder.parameters():
             p.add_(1.0)  # the student differs from the teacher
-    run = tmp_path / "s2"
-    run.mkdir()
-    save_config(cfg, str(run / "config.yaml"))
-    save_safetensors(model.state_dict(), str(run / "model.safetensors"))
-    out = str(tmp_path / "out")
-    assert main([str(run / "model.safetensors"), out]) == 0
+    out = _export_model(tmp_path, cfg, model, "out")
     enc = load_exported_encoder(out, drop_path=0.0)
     assert enc.grid == (8, 4, 4)
     for k, v in enc.state_dict().items():
-        assert torch.equal(v, model.encoder.state_dict()[k]), k
-        assert not torch.equal(v, model.teacher.state_dict()[k]), k
+        want = model.encoder.state_dict()[k]
+        if k == "pos.table" and want.shape != v.shape:  # per_forward: stored time rows, resampled at export
+            want = stored_rows_at_clip_length(want, model.encoder)
+        assert torch.equal(v, want), k
+        assert v.shape != model.teacher.state_dict()[k].shape or not torch.equal(v, model.teacher.state_dict()[k]), k
+    model.eval()
+    video = torch.randn(2, 3, 8, 56, 56)
+    with torch.no_grad():  # the tokens of the Stage-2 student at its clip length
+        assert torch.equal(enc(video).tokens, model.encoder(video).tokens)
+    # the probes' checkpoint backbone reads the same encoder out of the model state
+    from ivfast.probes.config import BackboneConfig
+    from ivfast.probes.features import load_encoder
+
+    probe = load_encoder(BackboneConfig(source="checkpoint", checkpoint=str(tmp_path / "out_run" / "model.safetensors")))
+    assert all(torch.equal(v, enc.state_dict()[k]) for k, v in probe.state_dict().items())
+
+
+def stored_rows_at_clip_length(table, encoder):
+    """A Stage-2 table's stored time rows resampled to the clip's (align_corners=False, per forward)."""
+    from ivfast.models.pos_embed import interpolate_time
+
+    n_cls, (t, h, w) = encoder.num_cls, encoder.grid
+    rows = table.shape[0] - n_cls
+    patch = interpolate_time(table[n_cls:], rows // (h * w), t, h, w, align_corners=False)
+    return torch.cat([table[:n_cls], patch])
 
 
 def test_stage2_run_export_is_the_student(runs, tmp_path):
@@ -206,8 +282,11 @@ def test_stage2_run_export_is_the_student(runs, tmp_path):
     state = load_model_state(runs["s2z3"])
     assert enc.grid == (8, 4, 4)
     for k, v in enc.state_dict().items():
-        assert torch.equal(v, state["encoder." + k]), k
-    assert any(not torch.equal(v, state["teacher." + k]) for k, v in enc.state_dict().items())
+        want = state["encoder." + k]
+        if k == "pos.table" and want.shape != v.shape:  # per_forward: stored time rows, resampled at export
+            want = stored_rows_at_clip_length(want, enc)
+        assert torch.equal(v, want), k
+    assert any(not torch.equal(v, state["teacher." + k]) for k, v in enc.state_dict().items() if k != "pos.table")
 
 
 def test_export_errors(runs, tmp_path, capsys):
