@@ -32,7 +32,8 @@ ASSUMPTIONS = """Two ways:
   their input and fc1 output; each predictor LayerNorm and the Linear after it keep the norm's
   input and stats; the LayerScale inputs stay bf16; the alignment heads recompute LayerNorm +
   l2; the cosine loss keeps the bf16 target; the masked-token gather keeps its index; the VB
-  term is recomputed in backward), the teacher in ``model.teacher.precision`` gathered at the
+  term is recomputed in backward; its arithmetic, and so what it saves, is fp32 whatever the
+  head's dtype), the teacher in ``model.teacher.precision`` gathered at the
   visible tokens before the student runs, activation checkpointing from ``model.checkpointing``,
   ``model.diffusion.reconstruction_ratio``, and with ``model.diffusion.chunk_rows`` > 0 (not
   under ZeRO-3) the diffusion loss and its backward a chunk of rows at a time in the forward
@@ -86,6 +87,7 @@ class Way:
     predictor_v_copy: bool = False  # the predictor's attention keeps a copy of v, not the whole Wqkv output
     diffusion_chunk_rows: int = 0  # > 0: the head's loss + backward run in chunks in the forward (not under ZeRO-3)
     vb_tensors: int = VB_TENSORS  # (rows, C) tensors the variational-bound term saves
+    vb_fp32: bool = True  # the VB arithmetic in fp32 whatever the head's dtype (ivfast); else the head's dtype
 
 
 @dataclass
@@ -233,13 +235,14 @@ def predictor_in(d: int, w: int, a: int, lean: bool = False) -> float:
 
 def diffusion_rows(w: int, z: int, c: int, cout: int, depth: int, d: int, a: int, fused: bool,
                    learn_sigma: bool, lean: bool = False, vb_tensors: int = VB_TENSORS,
-                   shared_silu: bool = True) -> dict:
+                   shared_silu: bool = True, vb_fp32: bool = True) -> dict:
     """Per diffusion row: embeddings, the adaLN blocks, the final layer, the losses.
 
     ``shared_silu``: SiLU(y) computed once for every adaLN projection (ivfast), else once per
     block and in the final layer (the release). ``lean``: the variational-bound term keeps only
     its inputs (the model output, the target, t; x_t is kept anyway). Unfused, the eps-MSE keeps
-    its float32 difference; fused, its kernel keeps the model output.
+    its float32 difference; fused, its kernel keeps the model output. ``vb_fp32``: the VB term's
+    saves are fp32 whatever ``d`` (ivfast); else in the head's dtype (the release's code).
     """
     del a
     embed = 256 * d + 2 * w * d + z * d + w * d + c * d  # t MLP inputs, z, y (SiLU input), x_t
@@ -254,8 +257,8 @@ def diffusion_rows(w: int, z: int, c: int, cout: int, depth: int, d: int, a: int
         loss, out_kept = 4 * c, 0  # eps_hat - eps
     if learn_sigma and lean:
         loss += (cout * d - out_kept) + c * d + 8
-    elif learn_sigma:  # the VB arithmetic is fp32 whatever the head's dtype (models.diffusion.vb_terms_bpd)
-        loss += vb_tensors * c * max(d, 4) + 2 * c
+    elif learn_sigma:
+        loss += vb_tensors * c * (max(d, 4) if vb_fp32 else d) + 2 * c
     return {"embed": embed, "blocks": blocks, "final": final, "loss": loss}
 
 
@@ -266,7 +269,7 @@ def diffusion_head_rows(cfg: Config, way: Way, chunked: bool = False) -> dict:
     c = 3 * e.tubelet_size * e.patch_size ** 2
     return diffusion_rows(dcfg.width, cfg.model.predictor.width, c, 2 * c if dcfg.learn_sigma else c, dcfg.depth,
                           way.diffusion_bytes, way.act_bytes, way.fused, dcfg.learn_sigma,
-                          way.lean and not chunked, way.vb_tensors, way.shared_silu)
+                          way.lean and not chunked, way.vb_tensors, way.shared_silu, way.vb_fp32)
 
 
 # ----------------------------------------------------------------------------- the whole step
@@ -363,7 +366,8 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
         d = way.diffusion_bytes
         trans["diffusion layer"] = 4 * m.diffusion.width * d * rows
         if way.lean and m.diffusion.learn_sigma:  # backward: the VB term again, 8192 rows at a time
-            trans["diffusion VB recompute"] = way.vb_tensors * c * max(d, 4) * min(rows, 8192)  # fp32
+            vb_d = max(d, 4) if way.vb_fp32 else d
+            trans["diffusion VB recompute"] = way.vb_tensors * c * vb_d * min(rows, 8192)
     est.transients = trans
 
     # the teacher: outputs alive through the student forward, and its own working set
@@ -400,7 +404,7 @@ def release_way(cfg: Config) -> Way:
     ``RELEASE_WAY`` plus the release's structure that ivfast has no switch for."""
     return replace(ivfast_way(with_overrides(cfg, RELEASE_WAY)), name="release", teacher_visible_only=False,
                    predictor_v_copy=False, embed_visible_only=False, shared_silu=False,
-                   vb_tensors=RELEASE_VB_TENSORS)
+                   vb_tensors=RELEASE_VB_TENSORS, vb_fp32=False)
 
 
 def ivfast_way(cfg: Config, checkpointing=None) -> Way:
