@@ -86,7 +86,8 @@ class Stage2Config:
 class ModelConfig:
     stage: Literal[1, 2] = 1
     # "release": the release's init (each block's attention and MLP output projections divided by
-    # sqrt(2 * layer), heads trunc-normal(0.02)); "xavier": no rescale, heads xavier-uniform.
+    # sqrt(2 * layer), heads trunc-normal(0.02), the patch projection PyTorch's Conv3d default, the
+    # predictor ModernBERT's law; ivfast.models.init); "xavier": no rescale, heads xavier-uniform.
     init: Literal["release", "xavier"] = "release"
     # An export directory (ivfast-export, also --from-release) whose encoder starts the run's
     # encoder (Stage 1, Stage 2 or a probe); "": none.
