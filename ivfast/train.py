@@ -5,6 +5,10 @@
 
 Any number of dotted overrides follow the config file. Running the same command again
 resumes from the newest complete checkpoint in ``<output_dir>/checkpoints``.
+
+Exit status: 0 done (or stopped by SIGTERM/SIGINT after saving), 1 failed, 2 a bad config or
+launch environment (one line on stderr), 75 stopped by SIGUSR1 after saving: requeue the job
+(``sbatch --signal=USR1@120 --requeue``; README, "Launching on a cluster").
 """
 import os
 import sys
@@ -39,14 +43,27 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    from ivfast.training.distributed import configure_allocator
+    from ivfast.training.distributed import (
+        LaunchError,
+        apply_launch_env,
+        configure_allocator,
+    )
 
+    try:
+        launch = apply_launch_env()  # srun's variables -> RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*
+    except LaunchError as e:
+        print(f"ivfast: {e}", file=sys.stderr)
+        return 2
+    if launch and os.environ.get("RANK", "0") == "0":
+        print(f"ivfast: {launch}", file=sys.stderr)
     note = configure_allocator(cfg.train.allocator)  # before anything can start CUDA
     if note and os.environ.get("RANK", "0") == "0":
         print(f"ivfast: {note}", file=sys.stderr)
-    from ivfast.training.trainer import train
+    from ivfast.training.trainer import StopRequested, train
 
     result = train(cfg)
+    if result["status"] == "stopped" and StopRequested.received in StopRequested.REQUEUE_SIGNALS:
+        return StopRequested.REQUEUE_EXIT  # SIGUSR1: saved, to be requeued and resumed
     return 0 if result["status"] in ("done", "stopped") else 1
 
 

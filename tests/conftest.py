@@ -18,6 +18,11 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# A test session inside a Slurm job (srun pytest, an sbatch script) must not turn the in-process
+# training runs into ranks of that job (ivfast.training.distributed reads srun's variables).
+for _name in [k for k in os.environ if k.startswith("SLURM_")]:
+    del os.environ[_name]
+
 
 def _triton_interprets() -> bool:
     """Triton picks interpreter or compiler when a @triton.jit function is defined, its own
