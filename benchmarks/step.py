@@ -3,6 +3,7 @@
     python benchmarks/step.py                       # the three variants x (B, L), batch 16, 16 frames, mask 0.8
     python benchmarks/step.py --configs configs/stage1_b_diffusion.yaml --ways release ivfast
     python benchmarks/step.py --configs configs/tiny.yaml --steps 1 --warmup 1   # the CPU smoke run
+    python benchmarks/step.py --dry-run [args]      # resolve every row's config and the imports a run needs; run nothing
 
 Each (config, way) row builds the real Stage-1 task (random weights) on a DeepSpeed engine
 (ZeRO-1, bf16 on a GPU; fp32 on the CPU) exactly as ``ivfast/train.py`` does, and runs:
@@ -20,11 +21,11 @@ Ways (overrides applied on top of the config file):
 - ``compile``: ``ivfast`` with ``torch.compile`` applied to the encoder and predictor
   modules (where it helps; a failure to compile is recorded in the row, not raised).
 
-FLOPs per step are counted once per config with ``torch.utils.flop_counter`` on one extra
-step of the first row, with eager ("math") attention so that every matmul is visible to the
-counter (the predictor's windowed layers count as full attention); forward + backward, teacher
-forward included. Achieved TFLOP/s = FLOPs / step time; MFU = achieved / the device's dense
-bf16 peak (``PEAK_TFLOPS``, looked up by device name; None when the name is unknown).
+FLOPs per step come from the library, as the trainer's log records do
+(:func:`ivfast.training.flops.count_step_flops`: one micro-batch on fake tensors, teacher forward +
+student forward and backward, model FLOPs with the windowed predictor layers counted at their band),
+once per resolved config. Achieved TFLOP/s = FLOPs / step time; MFU = achieved / the device's
+dense bf16 peak (:func:`ivfast.training.flops.peak_tflops`; None for a device it does not know).
 
 On a GPU the rows go to ``benchmarks/results/step-gpu-<date>.{json,md}``; on the CPU only
 with ``--write`` (then ``*-cpu-*``, which git ignores).
@@ -32,7 +33,7 @@ with ``--write`` (then ``*-cpu-*``, which git ignores).
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import os
 import sys
 import time
@@ -43,30 +44,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import on_gpu, write_results  # noqa: E402
 from ivfast.config import RELEASE_WAY, load_config, to_dict  # noqa: E402
+from ivfast.training.flops import count_step_flops, peak_tflops, tokens_per_clip  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = [f"configs/stage1_{size}_{variant}.yaml" for size in ("b", "l")
                    for variant in ("align", "linear", "diffusion")]
 PAPER_SHAPE = ["data.batch_size=16", "data.num_frames=16", "model.mask_ratio=0.8"]
 
-# Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by a substring of torch's device name.
-PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "A10G": 70.0,
-}
-
 WAYS = {"release": RELEASE_WAY, "ivfast": [], "compile": []}
-
-
-def peak_tflops(device_name: str) -> float | None:
-    for key, value in PEAK_TFLOPS.items():
-        if key in device_name:
-            return value
-    return None
 
 
 class _Sync:
@@ -130,13 +115,8 @@ class StepRunner:
             batch = next(self.batches)
         return batch
 
-    def step(self, timer: _Sync, flops: dict | None = None) -> int:
-        """One optimiser step; returns the number of clips. With ``flops`` (a dict), the forward
-        and backward run under a FLOP counter with eager attention and the count lands in
-        ``flops["total"]``."""
-        from torch.utils.flop_counter import FlopCounterMode
-
-        from ivfast.ops.attention import use_backend
+    def step(self, timer: _Sync) -> int:
+        """One optimiser step; returns the number of clips."""
         from ivfast.rng import SampleRNG
 
         batch = self._next_batch()
@@ -144,24 +124,12 @@ class StepRunner:
         timer.mark("data")
         self.position += 1
         rng = SampleRNG.for_step(self.cfg.train.seed, self.position, batch["index"].tolist(), self.device)
-        counter = FlopCounterMode(display=False) if flops is not None else None
-        counting = contextlib.ExitStack()
-        if counter is not None:
-            counting.enter_context(counter)
-            counting.enter_context(use_backend("math"))
-            head = getattr(self.step_.model, "diffloss", None)
-            if head is not None and head.chunk_rows:  # the counter's hooks cannot see autograd.grad in a forward;
-                chunk_rows, head.chunk_rows = head.chunk_rows, 0  # the same FLOPs unchunked
-                counting.callback(setattr, head, "chunk_rows", chunk_rows)
-        with counting:
-            inputs = self.step_.prepare(video, rng)
-            timer.mark("teacher")
-            out = self.engine(*inputs)
-            timer.mark("student_forward")
-            self.engine.backward(out["loss"])
-            timer.mark("backward")
-        if counter is not None:
-            flops["total"] = float(counter.get_total_flops())
+        inputs = self.step_.prepare(video, rng)
+        timer.mark("teacher")
+        out = self.engine(*inputs)
+        timer.mark("student_forward")
+        self.engine.backward(out["loss"])
+        timer.mark("backward")
         self.engine.step()
         timer.mark("optimizer")
         return video.shape[0]
@@ -171,14 +139,9 @@ class StepRunner:
         self.batches = None
 
 
-def tokens_per_clip(cfg) -> int:
-    e, d = cfg.model.encoder, cfg.data
-    return (d.num_frames // e.tubelet_size) * (d.img_size // e.patch_size) ** 2
-
-
 def run_row(cfg_path: str, way: str, overrides: list[str], steps: int, warmup: int, flop_cache: dict) -> dict:
-    """Time ``way`` on ``cfg_path``; ``flop_cache`` (config -> FLOPs per step) is filled by the
-    first row of a config."""
+    """Time ``way`` on ``cfg_path``; ``flop_cache`` (resolved config -> FLOPs per step) is filled
+    by the first row of a config (the ``compile`` way's config is ``ivfast``'s)."""
     cfg = load_config(os.path.join(ROOT, cfg_path) if not os.path.isabs(cfg_path) else cfg_path,
                       overrides + WAYS[way])
     row: dict = {"config": cfg_path, "way": way}
@@ -187,14 +150,14 @@ def run_row(cfg_path: str, way: str, overrides: list[str], steps: int, warmup: i
     if runner.compiled is not None:
         row["compiled"] = runner.compiled
     off = _Sync(False, device)
-    if cfg_path not in flop_cache:
-        counted: dict = {}
+    key = json.dumps(to_dict(cfg), sort_keys=True)
+    if key not in flop_cache:
         try:
-            runner.step(off, flops=counted)
+            flop_cache[key] = count_step_flops(cfg).per_step
         except Exception as e:  # noqa: BLE001 - FLOPs are reported as unknown, the timing still runs
             print(f"{cfg_path}: FLOP count failed ({type(e).__name__}: {e})")
-        flop_cache[cfg_path] = counted.get("total")
-    flops = flop_cache[cfg_path]
+            flop_cache[key] = None
+    flops = flop_cache[key]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
@@ -230,6 +193,33 @@ def run_row(cfg_path: str, way: str, overrides: list[str], steps: int, warmup: i
     return row
 
 
+def _dry_run(args, overrides: list[str]) -> int:
+    """Every row's config resolves (files, overrides, the way's overrides) and the modules that
+    ``StepRunner`` imports lazily import here; prints one line per row."""
+    import importlib
+
+    from ivfast.config import ConfigError
+
+    for module in ("ivfast.training.engine", "ivfast.training.step", "ivfast.data.loader", "ivfast.rng",
+                   "ivfast.ops.attention", "ivfast.training.flops", "deepspeed"):
+        importlib.import_module(module)
+    bad = 0
+    for cfg_path in args.configs:
+        for way in args.ways:
+            try:
+                cfg = load_config(os.path.join(ROOT, cfg_path) if not os.path.isabs(cfg_path) else cfg_path,
+                                  overrides + WAYS[way])
+            except ConfigError as e:
+                print(f"dry run: {cfg_path} {way}: {e}")
+                bad += 1
+                continue
+            d = cfg.data
+            print(f"dry run: {cfg_path} {way}: batch {d.batch_size}, {d.num_frames} frames, {d.img_size} px, "
+                  f"mask {cfg.model.mask_ratio}, {args.warmup} warm-up + {args.steps} timed + {args.steps} split steps")
+    print(f"dry run: {len(args.configs) * len(args.ways) - bad} of {len(args.configs) * len(args.ways)} rows resolve")
+    return 1 if bad else 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
@@ -239,10 +229,17 @@ def main(argv=None) -> int:
     p.add_argument("--paper-shape", action=argparse.BooleanOptionalAction, default=None,
                    help="batch 16, 16 frames, mask 0.8 (default: on a GPU)")
     p.add_argument("--write", action="store_true", help="write results on the CPU too")
+    p.add_argument("--dry-run", action="store_true",
+                   help="load every (config, way) row's config as a GPU run would (paper shape unless "
+                        "--no-paper-shape) and import what a run needs, then exit without running")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for every row")
     args = p.parse_args(argv)
-    paper = on_gpu() if args.paper_shape is None else args.paper_shape
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    paper = (on_gpu() or args.dry_run) if args.paper_shape is None else args.paper_shape
     overrides = (PAPER_SHAPE if paper else []) + ["data.source=synthetic", "train.progress=false"] + args.overrides
+    if args.dry_run:
+        return _dry_run(args, overrides)
     rows, flop_cache = [], {}
     for cfg_path in args.configs:
         for way in args.ways:

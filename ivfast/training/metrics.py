@@ -20,6 +20,33 @@ def peak_memory_mb(device: torch.device) -> dict:
     return {"peak_mem_mb": rss_kb / 1024}
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak (CUDA: the allocator's; the CPU's max RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _g(v, fmt: str):
+    return None if v is None else format(v, fmt)
+
+
+def compact(record: dict) -> dict:
+    """The progress bar's fields of a log record: loss, lr, grad norm, clips/s, TFLOP/s and MFU
+    (when known), data share, peak memory."""
+    mem = record.get("peak_mem_mb")
+    fields = {
+        "loss": _g(record.get("loss"), ".4g"),
+        "lr": _g(record.get("lr"), ".3g"),
+        "gn": _g(record.get("grad_norm"), ".3g"),
+        "clips/s": _g(record.get("clips_per_s"), ".3g"),
+        "TFLOP/s": _g(record.get("tflops"), ".3g"),
+        "mfu": None if record.get("mfu") is None else f"{100 * record['mfu']:.1f}%",
+        "data": None if record.get("data_share") is None else f"{100 * record['data_share']:.0f}%",
+        "mem": None if mem is None else f"{mem / 1024:.1f}G",
+    }
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def _clean(v):
     if isinstance(v, torch.Tensor):
         v = v.item()
@@ -56,10 +83,10 @@ class Progress:
             self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
                             file=sys.stdout, mininterval=0.5 if sys.stdout.isatty() else 5.0)
 
-    def update(self, n: int, postfix: dict) -> None:
+    def update(self, n: int, record: dict) -> None:
+        """Advance ``n`` steps; the postfix shows the record's :func:`compact` fields."""
         if self.bar is not None:
-            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
-                                 refresh=False)
+            self.bar.set_postfix(compact(record), refresh=False)
             self.bar.update(n)
 
     def close(self) -> None:

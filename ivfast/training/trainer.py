@@ -7,6 +7,7 @@ sees the same batches in the same order.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -23,9 +24,12 @@ from ivfast.ops.attention import describe_backend
 from ivfast.rng import SampleRNG, mix64
 from ivfast.training import checkpoint, distributed
 from ivfast.training.engine import build_engine, init_runtime
-from ivfast.training.metrics import MetricsWriter, Progress, peak_memory_mb
+from ivfast.training.flops import StepFlops, Throughput, count_step_flops, device_peak_tflops, tokens_per_clip
+from ivfast.training.loggers import Loggers
+from ivfast.training.metrics import Progress, peak_memory_mb, reset_peak_memory
 from ivfast.training.optim import LRSchedule, effective_lr
 from ivfast.training.phase_tracker import PhaseTracker, phase, watch_stage1
+from ivfast.training.profiling import StepProfiler
 from ivfast.training.step import build_step
 
 log = logging.getLogger("ivfast.train")
@@ -34,17 +38,43 @@ MAX_CONSECUTIVE_SKIPS = 50
 
 
 class StopRequested:
-    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits."""
+    """SIGTERM, SIGINT and SIGUSR1 set a flag; the loop saves at the next step boundary and exits.
 
-    def __init__(self):
+    SIGUSR1 is Slurm's warning before the time limit (``sbatch --signal=USR1@120``): the run
+    stops to be requeued, and ``ivfast/train.py`` then exits with ``REQUEUE_EXIT`` (75,
+    EX_TEMPFAIL of sysexits.h: "try again later") so that the batch script can tell it from a
+    finished run (exit 0) and requeue the job; the next start resumes from the checkpoint. A
+    stop by SIGTERM/SIGINT exits 0 as before. A second SIGTERM/SIGINT gives up at once; a
+    repeated SIGUSR1 changes nothing. ``received`` (class attribute) is the first signal of the
+    latest run in this process, or None.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    REQUEUE_SIGNALS = (signal.SIGUSR1,)
+    REQUEUE_EXIT = 75
+    received: int | None = None
+
+    def __init__(self, announce: bool = True):
         self.flag = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        self.announce = announce  # log the signal (rank 0); the other ranks stay quiet
+        StopRequested.received = None
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
-        if self.flag:  # a second signal: give up at once
-            raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        if self.flag:
+            if signum in self.REQUEUE_SIGNALS:  # a repeated warning: still saving
+                return
+            raise KeyboardInterrupt  # a second SIGTERM/SIGINT: give up at once
         self.flag = True
+        StopRequested.received = signum
+        if self.announce:
+            why = ("Slurm's warning before the time limit (sbatch --signal=USR1@...)"
+                   if signum in self.REQUEUE_SIGNALS else "asked to stop")
+            then = (f"exit {self.REQUEUE_EXIT} so that the job is requeued and resumes"
+                    if signum in self.REQUEUE_SIGNALS else "exit; run the same command to resume")
+            log.warning("%s received (%s): saving a checkpoint at the next step boundary, then %s", name, why, then)
 
 
 def _setup_logging(is_main: bool) -> None:
@@ -101,25 +131,34 @@ def train(cfg: Config) -> dict:
                  "factor %g -> lr %g, min_lr %g, warmup_lr %g", cfg.train.lr, cfg.train.lr_scaling,
                  eff.global_batch, cfg.data.batch_size, dist.world, ga, eff.factor, eff.lr, eff.min_lr, eff.warmup_lr)
 
-    stop = StopRequested()
-    metrics = MetricsWriter(os.path.join(out_dir, "metrics.jsonl"), dist.is_main)
+    stop = StopRequested(announce=dist.is_main)
+    flops = _count_flops(cfg) if dist.is_main else None
+    device_name, peak = device_peak_tflops(dist.device)
+    if dist.is_main:
+        log.info("MFU: %s", f"{device_name}, dense bf16 peak {peak:g} TFLOP/s" if peak
+                 else f"not reported ({device_name} has no known dense bf16 peak)")
+    throughput = Throughput(tokens_per_clip(cfg), flops.per_clip if flops else None, dist.world, peak)
+    loggers = Loggers.for_run(cfg, dist.is_main)
     progress = Progress(total_steps, state["step"], dist.is_main and cfg.train.progress)
+    profiler = StepProfiler(out_dir, cfg.train.profile, dist.device, dist.rank)
     consecutive_skips = 0
-    accum = _StepAccumulator()
+    accum = _StepAccumulator()  # the log interval's sums, from here to the next record
     last_saved = state["step"] if resumed_from else -1
-    t_step = time.perf_counter()
     try:
         while state["step"] < total_steps:
             sampler.set_position(state["epoch"], state["batch_in_epoch"])
             batches = iter(loader)
             while state["step"] < total_steps:
-                t0 = time.perf_counter()
-                batch = next(batches, None)
-                if batch is None:
-                    break
-                accum.data_time += time.perf_counter() - t0
-                state["batch_in_epoch"] += 1
-                result = _micro_step(engine, step, batch, cfg, dist, state, stop, schedule)
+                doing = state["step"] + 1  # the optimiser step this micro-batch belongs to
+                profiler.begin(doing)
+                with profiler.step_range(doing), profiler.guard(doing):
+                    t0 = time.perf_counter()
+                    batch = next(batches, None)
+                    if batch is None:
+                        break
+                    accum.data_time += time.perf_counter() - t0
+                    state["batch_in_epoch"] += 1
+                    result = _micro_step(engine, step, batch, cfg, dist, state, stop, schedule)
                 state["bad_videos"] += result["bad"]
                 state["samples"] += result["clips"]
                 if result["skipped"]:
@@ -135,16 +174,20 @@ def train(cfg: Config) -> dict:
                 if not result["boundary"]:
                     continue
                 state["step"] += 1
-                now = time.perf_counter()
-                step_time, t_step = now - t_step, now
-                if dist.is_main and state["step"] % cfg.train.log_every == 0:
-                    record = accum.record(state, step_time, engine, dist.device)
-                    metrics.write(record)
-                    progress.update(cfg.train.log_every, {"loss": record["loss"], "lr": record["lr"]})
-                accum = _StepAccumulator()
+                accum.steps += 1
+                with accum.paused():  # writing the trace is not training time
+                    profiler.end(state["step"])
+                if state["step"] % cfg.train.log_every == 0:
+                    if dist.is_main:
+                        record = accum.record(state, accum.elapsed(), engine, dist.device, throughput)
+                        loggers.log(record)
+                        progress.update(accum.steps, record)
+                    reset_peak_memory(dist.device)  # the next record's peak is its interval's
+                    accum = _StepAccumulator()
                 if state["step"] % cfg.train.save_every == 0 or state["step"] == total_steps or result["stop"]:
-                    checkpoint.save(engine, ckpt_dir, state["step"], state, cfg.train.keep_checkpoints,
-                                    dist.is_main, distributed.barrier)
+                    with accum.paused():  # nor is saving: the interval's rates leave it out
+                        checkpoint.save(engine, ckpt_dir, state["step"], state, cfg.train.keep_checkpoints,
+                                        dist.is_main, distributed.barrier)
                     last_saved = state["step"]
                 if result["stop"]:
                     log.warning("stop requested: checkpoint saved at step %d; run the same command to resume",
@@ -155,8 +198,9 @@ def train(cfg: Config) -> dict:
             state["epoch"] += 1  # the epoch's batches are exhausted
             state["batch_in_epoch"] = 0
     finally:
+        profiler.close()
         progress.close()
-        metrics.close()
+        loggers.close()
     if last_saved != state["step"]:
         checkpoint.save(engine, ckpt_dir, state["step"], state, cfg.train.keep_checkpoints, dist.is_main,
                         distributed.barrier)
@@ -166,15 +210,38 @@ def train(cfg: Config) -> dict:
     return {"status": "done", **state}
 
 
+def _count_flops(cfg: Config) -> StepFlops | None:
+    """The step's FLOPs (:func:`ivfast.training.flops.count_step_flops`), logged; None (and a
+    warning: TFLOP/s and MFU go unreported) when they cannot be counted."""
+    t0 = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            flops = count_step_flops(cfg)
+    except Exception as e:  # noqa: BLE001 - the run goes on without FLOPs
+        log.warning("FLOPs not counted (%s: %s): TFLOP/s and MFU are not reported", type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "")
+        return None
+    log.info("FLOPs: %s; counted in %.1f s", flops.describe(), time.perf_counter() - t0)
+    return flops
+
+
 class _StepAccumulator:
-    """Sums over the micro-batches of one optimiser step, for the metrics record."""
+    """Sums over the micro-batches and optimiser steps of one log interval, for its record.
+
+    Rates are over the interval's wall time (``elapsed``: since this accumulator was made, less
+    the ``paused`` spans: checkpoint saves, trace writing); losses are means over its micro-batches,
+    ``grad_norm`` the mean over its steps (``grad_norm_max`` their largest).
+    """
 
     def __init__(self):
+        self.t0 = time.perf_counter()
+        self.excluded = 0.0
         self.data_time = 0.0
         self.sums: dict[str, float] = {}
         self.micro = 0
+        self.steps = 0
         self.clips = 0
-        self.grad_norm = None
+        self.grad_norms: list[float] = []
         self.phase_peaks: dict[str, float] = {}
 
     def add(self, result: dict) -> None:
@@ -183,19 +250,40 @@ class _StepAccumulator:
         for k, v in result["losses"].items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         if result.get("grad_norm") is not None:
-            self.grad_norm = result["grad_norm"]
+            self.grad_norms.append(result["grad_norm"])
         for k, v in result.get("mem", {}).items():
             self.phase_peaks[k] = max(self.phase_peaks.get(k, 0.0), v)
 
-    def record(self, state: dict, step_time: float, engine, device) -> dict:
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0 - self.excluded
+
+    def record(self, state: dict, elapsed: float, engine, device, throughput: Throughput | None = None) -> dict:
+        """The interval's record; ``elapsed``: its wall time in seconds (clips are global: every rank's)."""
+        steps = max(1, self.steps)
         losses = {k: v / max(1, self.micro) for k, v in self.sums.items()}
+        norms = self.grad_norms
+        clips_per_s = self.clips / elapsed if elapsed > 0 else None
         rec = {"step": state["step"], "epoch": state["epoch"], **losses,
-               "lr": engine.optimizer.param_groups[0]["lr"], "grad_norm": self.grad_norm,
-               "step_time": step_time, "data_time": self.data_time,
-               "data_share": self.data_time / step_time if step_time > 0 else None,
-               "clips_per_s": self.clips / step_time if step_time > 0 else None,
-               "skipped_steps": state["skipped_steps"], "bad_videos": state["bad_videos"]}
-        rec.update(peak_memory_mb(device))
+               "lr": engine.optimizer.param_groups[0]["lr"],
+               "grad_norm": sum(norms) / len(norms) if norms else None, "grad_norm_max": max(norms, default=None),
+               "step_time": elapsed / steps, "data_time": self.data_time / steps,
+               "data_share": self.data_time / elapsed if elapsed > 0 else None,
+               "clips_per_s": clips_per_s}
+        if throughput is not None:
+            rec.update(throughput.fields(clips_per_s))
+        rec.update({"skipped_steps": state["skipped_steps"], "bad_videos": state["bad_videos"]})
+        mem = peak_memory_mb(device)
+        if self.phase_peaks:  # the phase tracker restarts the allocator's peak inside the step
+            mem["peak_mem_mb"] = max(mem["peak_mem_mb"], *self.phase_peaks.values())
+        rec.update(mem)
         rec.update(self.phase_peaks)
         return rec
 
