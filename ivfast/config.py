@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import os
 import types
 import typing
@@ -34,6 +35,8 @@ class ConfigError(ValueError):
 
 # The modules whose blocks ``model.checkpointing`` may recompute in backward.
 CHECKPOINTABLE = ("encoder", "predictor", "diffusion")
+# The optional loggers (train.loggers) and the package each needs; the extra of setup.py has the logger's name.
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 # Keys renamed since: the old name still works, with a FutureWarning.
 RENAMED = {"model.lean_mlp": "model.lean_saves"}
 
@@ -142,6 +145,16 @@ class TrainConfig:
     resume: Literal["auto", "never"] = "auto"
     progress: bool = True
     allocator: str = ""  # PYTORCH_CUDA_ALLOC_CONF for the run (the environment's own value wins)
+    # Where each log record goes (rank 0): metrics.jsonl, TensorBoard (extra "tensorboard"), W&B (extra "wandb").
+    loggers: List[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl"])
+    tensorboard_dir: str = ""  # "": <output_dir>/tensorboard
+    wandb_project: str = "ivfast"
+    wandb_entity: str = ""  # "": the account's default
+    wandb_name: str = ""  # "": the output_dir's name
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"  # auto: WANDB_MODE from the environment, else online
+    # [start step, number of steps]: a torch.profiler chrome trace of those optimiser steps (and on
+    # CUDA a memory snapshot) in <output_dir>/profile; []: off.
+    profile: List[int] = field(default_factory=list)
 
 
 @dataclass
@@ -241,10 +254,58 @@ def _merge_into(obj: Any, data: dict, prefix: str = "") -> None:
             setattr(obj, name, _coerce(value, tp, key))
 
 
+# The configs that ship with the package (package data; the repository's ``configs/`` is a link here).
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def packaged_configs() -> list[str]:
+    """The names of the packaged configs, e.g. ``tiny``, ``probes/probe_classify_ssv2``; sorted."""
+    names = []
+    for root, _, files in os.walk(CONFIG_DIR):
+        rel = os.path.relpath(root, CONFIG_DIR)
+        names += [os.path.splitext(f if rel == "." else f"{rel}/{f}")[0].replace(os.sep, "/")
+                  for f in files if f.endswith(".yaml")]
+    return sorted(names, key=lambda n: (n.count("/"), n))
+
+
+def resolve_config_path(path: str) -> str:
+    """The file a ``--config`` value names: ``path`` itself when it exists (relative to the working
+    directory), else the packaged config of that name, with or without ``.yaml`` and a leading
+    ``configs/`` (``stage1_b_diffusion``, ``configs/tiny.yaml``, ``probes/probe_classify_ssv2.yaml``).
+    Not found: a one-line :class:`ConfigError` that lists the packaged names."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    found = _packaged(path)
+    if found is None:
+        raise _not_found(path)
+    return found
+
+
+def _packaged(name: str) -> str | None:
+    name = name.replace(os.sep, "/")
+    while name.startswith("./"):
+        name = name[2:]
+    if name.startswith("configs/"):
+        name = name[len("configs/"):]
+    if not name or os.path.isabs(name) or ".." in name.split("/"):
+        return None
+    for cand in (name, f"{name}.yaml"):
+        full = os.path.join(CONFIG_DIR, *cand.split("/"))
+        if os.path.isfile(full):
+            return full
+    return None
+
+
+def _not_found(path: str) -> ConfigError:
+    return ConfigError(f"config error: config file not found: {path} (not a file here, nor a packaged config: "
+                       f"{', '.join(packaged_configs())})")
+
+
 def _read_yaml(path: str, seen: tuple = ()) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f"config error: config file not found: {path}")
-    if os.path.abspath(path) in seen:
+    if not seen:
+        path = resolve_config_path(path)
+    if os.path.realpath(path) in seen:
         raise ConfigError(f"config error: 'base' chain loops at {path}")
     with open(path) as f:
         try:
@@ -256,7 +317,13 @@ def _read_yaml(path: str, seen: tuple = ()) -> dict:
     base = data.pop("base", None)
     if base is None:
         return data
-    parent = _read_yaml(os.path.join(os.path.dirname(path), base), seen + (os.path.abspath(path),))
+    # ``base`` is resolved beside the file, else it names a packaged config (a file of one's own
+    # may start from ``base: stage1_b_diffusion.yaml`` anywhere).
+    beside = os.path.join(os.path.dirname(path), str(base))
+    parent_path = beside if os.path.isfile(beside) else _packaged(str(base))
+    if parent_path is None:
+        raise _not_found(beside)
+    parent = _read_yaml(parent_path, seen + (os.path.realpath(path),))
     return _deep_update(parent, data)
 
 
@@ -495,6 +562,13 @@ def validate(cfg: Config) -> None:
     _check(not tr.allocator or all(":" in kv and not any(c.isspace() for c in kv) for kv in tr.allocator.split(",")),
            "train.allocator", tr.allocator, "must be PyTorch allocator settings 'key:value[,key:value...]' "
            "(e.g. expandable_segments:True)")
+    _check(len(set(tr.loggers)) == len(tr.loggers), "train.loggers", tr.loggers, "must not repeat a logger")
+    for name in tr.loggers:
+        package = LOGGER_PACKAGES.get(name)
+        _check(package is None or importlib.util.find_spec(package) is not None, "train.loggers", tr.loggers,
+               f"'{name}' needs the {package} package: pip install -e '.[{name}]'")
+    _check(not tr.profile or (len(tr.profile) == 2 and tr.profile[0] >= 1 and tr.profile[1] >= 1), "train.profile",
+           tr.profile, "must be [start step >= 1, number of steps >= 1], or [] (off)")
     _check(0 <= cfg.deepspeed.zero_stage <= 3, "deepspeed.zero_stage", cfg.deepspeed.zero_stage, "must be 0, 1, 2 or 3")
     _check(bool(cfg.output_dir), "output_dir", cfg.output_dir, "must not be empty")
     s2 = m.stage2

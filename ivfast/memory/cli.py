@@ -1,7 +1,7 @@
 """``ivfast-memory report``: the modelled (and, on a GPU, measured) memory of Stage-1 rows.
 
     ivfast-memory report                                   # the paper's three rows
-    ivfast-memory report --config configs/tiny.yaml        # any config (repeatable)
+    ivfast-memory report --config tiny                     # any config: a file or a packaged name (repeatable)
     ivfast-memory report --measure                         # + a few real steps per row on CUDA
 """
 from __future__ import annotations
@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="ivfast-memory", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("report", help="write memory_report.md and memory_report.png")
-    r.add_argument("--config", action="append", default=None, help="a config file (repeatable); default: the paper's rows")
+    r.add_argument("--config", action="append", default=None,
+                   help="a config file or packaged name (repeatable); default: the paper's rows")
     r.add_argument("--batch", type=int, default=16)
     r.add_argument("--frames", type=int, default=16)
     r.add_argument("--mask", type=float, default=0.8)

@@ -17,7 +17,7 @@ TASKS = ("classify", "depth", "track")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="ivfast-probe", description="Frozen-backbone evaluation probes.")
     p.add_argument("task", choices=TASKS)
-    p.add_argument("--config", default=None, help="probe YAML (configs/probes/probe_*.yaml)")
+    p.add_argument("--config", default=None, help="probe YAML: a file, or a packaged name such as probes/probe_classify_tiny")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=3e-3 depth.window=32")
     args = p.parse_intermixed_args(argv)
     try:
