@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ivfast.ops import launch
-from ivfast.ops.dispatch import use_triton
+from ivfast.ops.dispatch import autocast_enabled, use_triton
 
 try:
     import triton
@@ -280,6 +280,9 @@ if triton is not None:
 
 # =========================================================================== launchers
 # All take 2-D tensors with unit column stride (row stride free: the adaLN thirds are views).
+# Each kernel's plan (grid, num_warps, constexprs) is a pure function of (shape, dtype, flags,
+# target) below, called by its launcher and, through launch.capture, by ivfast.ops.compile_check.
+# The tiles do not depend on the dtype today (bf16 and fp32 take the same ones).
 def _rows2d(t: torch.Tensor, n: int) -> torch.Tensor:
     """(..., n) -> a 2-D (rows, n) tensor with unit column stride (a view where possible)."""
     t2 = t if t.dim() == 2 else t.reshape(-1, n)
@@ -290,13 +293,47 @@ def _dummy(device: torch.device) -> torch.Tensor:
     return torch.empty(1, dtype=torch.float32, device=device)
 
 
-def _elem(M: int, N: int, device: torch.device):
-    return launch.elementwise_tile(M, N, gpu=launch.gpu_tiles(device))
+def ln_mod_fwd_config(M: int, N: int, dtype: torch.dtype, target: launch.Target, *, affine: bool,
+                      save_stats: bool) -> launch.Launch:
+    """LayerNorm + modulation forward: one program per BLOCK_M whole rows."""
+    bm, bn, nw = launch.whole_row_tile(M, N, gpu=target.gpu, backward=False)
+    return launch.Launch.of((launch.cdiv(M, bm),), nw, HAS_AFFINE=affine, SAVE_STATS=save_stats,
+                            BLOCK_M=bm, BLOCK_N=bn)
 
 
-def _programs(num_tiles: int, device: torch.device, col_tiles: int = 1) -> int:
-    return launch.looping_programs(num_tiles, gpu=launch.gpu_tiles(device), sms=launch.sm_count(device),
-                                   col_tiles=col_tiles)
+def ln_mod_bwd_config(M: int, N: int, dtype: torch.dtype, target: launch.Target, *, affine: bool, dres: bool,
+                      dshift: bool, recompute: bool, colsum: bool) -> launch.Launch:
+    """LayerNorm + modulation backward: a few programs per SM looping over row tiles."""
+    bm, bn, nw = launch.whole_row_tile(M, N, gpu=target.gpu, backward=True)
+    programs = launch.looping_programs(launch.cdiv(M, bm), gpu=target.gpu, sms=target.sms)
+    return launch.Launch.of((programs,), nw, HAS_AFFINE=affine, HAS_DRES=dres, WRITE_DSHIFT=dshift,
+                            RECOMPUTE=recompute, COLSUM=colsum, BLOCK_M=bm, BLOCK_N=bn)
+
+
+def _elementwise(M: int, N: int, target: launch.Target, looping: bool, **flags) -> launch.Launch:
+    bm, bn, nw = launch.elementwise_tile(M, N, gpu=target.gpu)
+    rows, cols = launch.cdiv(M, bm), launch.cdiv(N, bn)
+    if looping:
+        rows = launch.looping_programs(rows, gpu=target.gpu, sms=target.sms, col_tiles=cols)
+    return launch.Launch.of((rows, cols), nw, **flags, BLOCK_M=bm, BLOCK_N=bn)
+
+
+def bias_silu_fwd_config(M: int, N: int, dtype: torch.dtype, target: launch.Target, *,
+                         has_bias: bool) -> launch.Launch:
+    return _elementwise(M, N, target, False, HAS_BIAS=has_bias)
+
+
+def bias_silu_bwd_config(M: int, N: int, dtype: torch.dtype, target: launch.Target, *, has_bias: bool,
+                         recompute: bool) -> launch.Launch:
+    return _elementwise(M, N, target, True, HAS_BIAS=has_bias, RECOMPUTE=recompute)
+
+
+def gated_fwd_config(M: int, N: int, dtype: torch.dtype, target: launch.Target) -> launch.Launch:
+    return _elementwise(M, N, target, False)
+
+
+def gated_bwd_config(M: int, N: int, dtype: torch.dtype, target: launch.Target, *, colsum: bool) -> launch.Launch:
+    return _elementwise(M, N, target, True, COLSUM=colsum)
 
 
 def _ln_mod_fwd(x, shift, scale, weight, bias, eps: float, save_stats: bool = True,
@@ -310,13 +347,11 @@ def _ln_mod_fwd(x, shift, scale, weight, bias, eps: float, save_stats: bool = Tr
         rstd = torch.empty(M, dtype=torch.float32, device=dev)
     else:
         mean = rstd = _dummy(dev)
-    bm, bn, nw = launch.whole_row_tile(M, N, gpu=launch.gpu_tiles(dev), backward=False)
     affine = weight is not None
-    _ln_mod_fwd_kernel[(triton.cdiv(M, bm),)](
-        x, shift, scale, weight if affine else _dummy(dev), bias if affine else _dummy(dev),
-        out, mean, rstd, M, N, x.stride(0), shift.stride(0), scale.stride(0), out.stride(0),
-        float(eps), HAS_AFFINE=affine, SAVE_STATS=save_stats, BLOCK_M=bm, BLOCK_N=bn,
-        num_warps=nw)
+    plan = ln_mod_fwd_config(M, N, x.dtype, launch.target(dev), affine=affine, save_stats=save_stats)
+    launch.run("adaln.ln_mod_fwd", _ln_mod_fwd_kernel, plan,
+               x, shift, scale, weight if affine else _dummy(dev), bias if affine else _dummy(dev),
+               out, mean, rstd, M, N, x.stride(0), shift.stride(0), scale.stride(0), out.stride(0), float(eps))
     return out, (mean if save_stats else None), (rstd if save_stats else None)
 
 
@@ -334,22 +369,21 @@ def _ln_mod_bwd(x, scale, dout, mean, rstd, weight, bias, *, shift=None, dres=No
     if recompute and hmod is None:
         hmod = torch.empty((M, N), dtype=x.dtype, device=dev)
     affine = weight is not None
-    bm, bn, nw = launch.whole_row_tile(M, N, gpu=launch.gpu_tiles(dev), backward=True)
-    num_tiles = triton.cdiv(M, bm)
-    P = _programs(num_tiles, dev)
+    plan = ln_mod_bwd_config(M, N, x.dtype, launch.target(dev), affine=affine, dres=dres is not None,
+                             dshift=dshift is not None, recompute=recompute, colsum=colsum)
+    num_tiles = launch.cdiv(M, plan.const("BLOCK_M"))
+    P = plan.grid[0]
     need_part = affine or colsum
     part = torch.empty((P, 4, N), dtype=torch.float32, device=dev) if need_part else _dummy(dev)
     d = _dummy(dev)
-    _ln_mod_bwd_kernel[(P,)](
-        x, shift if recompute else d, scale, weight if affine else d, bias if affine else d,
-        dout, dres if dres is not None else d, mean, rstd,
-        dx, dshift if dshift is not None else d, dscale, hmod if recompute else d, part,
-        M, N, x.stride(0), shift.stride(0) if recompute else 0, scale.stride(0), dout.stride(0),
-        dres.stride(0) if dres is not None else 0, dx.stride(0),
-        dshift.stride(0) if dshift is not None else 0, dscale.stride(0),
-        hmod.stride(0) if recompute else 0, num_tiles,
-        HAS_AFFINE=affine, HAS_DRES=dres is not None, WRITE_DSHIFT=dshift is not None,
-        RECOMPUTE=recompute, COLSUM=colsum, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+    launch.run("adaln.ln_mod_bwd", _ln_mod_bwd_kernel, plan,
+               x, shift if recompute else d, scale, weight if affine else d, bias if affine else d,
+               dout, dres if dres is not None else d, mean, rstd,
+               dx, dshift if dshift is not None else d, dscale, hmod if recompute else d, part,
+               M, N, x.stride(0), shift.stride(0) if recompute else 0, scale.stride(0), dout.stride(0),
+               dres.stride(0) if dres is not None else 0, dx.stride(0),
+               dshift.stride(0) if dshift is not None else 0, dscale.stride(0),
+               hmod.stride(0) if recompute else 0, num_tiles)
     sums = part.sum(0) if need_part else None
     return dx, dscale, hmod, sums
 
@@ -357,10 +391,9 @@ def _ln_mod_bwd(x, scale, dout, mean, rstd, weight, bias, *, shift=None, dres=No
 def _bias_silu_fwd(a, bias):
     M, N = a.shape
     out = torch.empty((M, N), dtype=a.dtype, device=a.device)
-    bm, bn, nw = _elem(M, N, a.device)
-    _bias_silu_fwd_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-        a, bias if bias is not None else _dummy(a.device), out, M, N, a.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+    plan = bias_silu_fwd_config(M, N, a.dtype, launch.target(a.device), has_bias=bias is not None)
+    launch.run("adaln.bias_silu_fwd", _bias_silu_fwd_kernel, plan,
+               a, bias if bias is not None else _dummy(a.device), out, M, N, a.stride(0), out.stride(0))
     return out
 
 
@@ -370,26 +403,23 @@ def _bias_silu_bwd(a, bias, ds, recompute: bool = False):
     dev = a.device
     da = torch.empty((M, N), dtype=a.dtype, device=dev)
     s = torch.empty((M, N), dtype=a.dtype, device=dev) if recompute else None
-    bm, bn, nw = _elem(M, N, dev)
-    num_row_tiles, col_tiles = triton.cdiv(M, bm), triton.cdiv(N, bn)
-    P = _programs(num_row_tiles, dev, col_tiles)
     has_bias = bias is not None
+    plan = bias_silu_bwd_config(M, N, a.dtype, launch.target(dev), has_bias=has_bias, recompute=recompute)
+    num_row_tiles = launch.cdiv(M, plan.const("BLOCK_M"))
+    P = plan.grid[0]
     part = torch.empty((P, N), dtype=torch.float32, device=dev) if has_bias else _dummy(dev)
-    _bias_silu_bwd_kernel[(P, col_tiles)](
-        a, bias if has_bias else _dummy(dev), ds, da, s if recompute else _dummy(dev), part,
-        M, N, a.stride(0), ds.stride(0), da.stride(0), s.stride(0) if recompute else 0,
-        num_row_tiles, HAS_BIAS=has_bias, RECOMPUTE=recompute, BLOCK_M=bm, BLOCK_N=bn,
-        num_warps=nw)
+    launch.run("adaln.bias_silu_bwd", _bias_silu_bwd_kernel, plan,
+               a, bias if has_bias else _dummy(dev), ds, da, s if recompute else _dummy(dev), part,
+               M, N, a.stride(0), ds.stride(0), da.stride(0), s.stride(0) if recompute else 0, num_row_tiles)
     return da, s, (part.sum(0) if has_bias else None)
 
 
 def _gated_fwd(x, gate, h):
     M, N = x.shape
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    bm, bn, nw = _elem(M, N, x.device)
-    _gated_fwd_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-        x, gate, h, out, M, N, x.stride(0), gate.stride(0), h.stride(0), out.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+    plan = gated_fwd_config(M, N, x.dtype, launch.target(x.device))
+    launch.run("adaln.gated_fwd", _gated_fwd_kernel, plan,
+               x, gate, h, out, M, N, x.stride(0), gate.stride(0), h.stride(0), out.stride(0))
     return out
 
 
@@ -399,14 +429,13 @@ def _gated_bwd(dout, gate, h, *, dgate=None, colsum: bool = False):
     dev = dout.device
     dgate = torch.empty((M, N), dtype=gate.dtype, device=dev) if dgate is None else dgate
     dh = torch.empty((M, N), dtype=h.dtype, device=dev)
-    bm, bn, nw = _elem(M, N, dev)
-    num_row_tiles, col_tiles = triton.cdiv(M, bm), triton.cdiv(N, bn)
-    P = _programs(num_row_tiles, dev, col_tiles)
+    plan = gated_bwd_config(M, N, dout.dtype, launch.target(dev), colsum=colsum)
+    num_row_tiles = launch.cdiv(M, plan.const("BLOCK_M"))
+    P = plan.grid[0]
     part = torch.empty((P, 2, N), dtype=torch.float32, device=dev) if colsum else _dummy(dev)
-    _gated_bwd_kernel[(P, col_tiles)](
-        dout, gate, h, dgate, dh, part, M, N, dout.stride(0), gate.stride(0), h.stride(0),
-        dgate.stride(0), dh.stride(0), num_row_tiles, COLSUM=colsum, BLOCK_M=bm, BLOCK_N=bn,
-        num_warps=nw)
+    launch.run("adaln.gated_bwd", _gated_bwd_kernel, plan,
+               dout, gate, h, dgate, dh, part, M, N, dout.stride(0), gate.stride(0), h.stride(0),
+               dgate.stride(0), dh.stride(0), num_row_tiles)
     return dgate, dh, (part.sum(0) if colsum else None)
 
 
@@ -519,7 +548,7 @@ def _kernel_ok(x, silu_y, params) -> bool:
     ts = [x, silu_y] + [p for p in params if p is not None]
     if x.shape != silu_y.shape or any(t.dtype != x.dtype for t in ts) or x.dtype not in _KERNEL_DTYPES:
         return False
-    if torch.is_autocast_enabled(x.device.type) or x.shape[-1] > _MAX_LN_WIDTH:
+    if autocast_enabled(x.device) or x.shape[-1] > _MAX_LN_WIDTH:
         return False
     return triton is not None and use_triton(*ts)
 

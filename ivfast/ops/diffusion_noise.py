@@ -217,8 +217,17 @@ if triton is not None:
                      grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(M: int, C: int, device: torch.device):
-    return launch.column_loop_tile(M, C, gpu=launch.gpu_tiles(device))
+# Each kernel's plan is a pure function of (shape, dtype, target), called by the launchers and,
+# through launch.capture, by ivfast.ops.compile_check (tiles independent of the dtype).
+def _blocks(M: int, C: int, where):
+    """(BLOCK_M, BLOCK_C, num_warps) at ``where`` (a device or a ``launch.Target``)."""
+    return launch.column_loop_tile(M, C, gpu=launch.as_target(where).gpu)
+
+
+def philox_config(M: int, C: int, dtype: torch.dtype, target: launch.Target) -> launch.Launch:
+    """q_sample and the eps-MSE kernels: one program per BLOCK_M rows, looping over column blocks."""
+    block_m, block_c, warps = _blocks(M, C, target)
+    return launch.Launch.of((launch.cdiv(M, block_m),), warps, BLOCK_M=block_m, BLOCK_C=block_c)
 
 
 def _seeds(seeds: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -233,11 +242,10 @@ def _q_sample_triton(x, t, seeds, sqrt_ab, sqrt_1mab):
     t = t.to(device=x.device, dtype=torch.int64).contiguous()
     a = sqrt_ab.to(device=x.device).contiguous()
     b = sqrt_1mab.to(device=x.device).contiguous()
-    block_m, block_c, warps = _blocks(M, C, x.device)
-    _q_sample_kernel[(triton.cdiv(M, block_m),)](
-        x, t, _seeds(seeds, x.device), a, b, out, M, C, a.shape[0],
-        x.stride(0), x.stride(1), out.stride(0),
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+    plan = philox_config(M, C, x.dtype, launch.target(x.device))
+    launch.run("diffusion_noise.q_sample", _q_sample_kernel, plan,
+               x, t, _seeds(seeds, x.device), a, b, out, M, C, a.shape[0],
+               x.stride(0), x.stride(1), out.stride(0))
     return out
 
 
@@ -246,10 +254,9 @@ def _eps_mse_fwd_triton(eps_hat, seeds):
     out = torch.empty((M,), dtype=torch.float32, device=eps_hat.device)
     if M == 0:
         return out
-    block_m, block_c, warps = _blocks(M, C, eps_hat.device)
-    _eps_mse_fwd_kernel[(triton.cdiv(M, block_m),)](
-        eps_hat, seeds, out, M, C, eps_hat.stride(0), eps_hat.stride(1),
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+    plan = philox_config(M, C, eps_hat.dtype, launch.target(eps_hat.device))
+    launch.run("diffusion_noise.eps_mse_fwd", _eps_mse_fwd_kernel, plan,
+               eps_hat, seeds, out, M, C, eps_hat.stride(0), eps_hat.stride(1))
     return out
 
 
@@ -259,11 +266,10 @@ def _eps_mse_bwd_triton(eps_hat, seeds, grad_row):
     if M == 0 or C == 0:
         return grad
     grad_row = grad_row.to(device=eps_hat.device)
-    block_m, block_c, warps = _blocks(M, C, eps_hat.device)
-    _eps_mse_bwd_kernel[(triton.cdiv(M, block_m),)](
-        eps_hat, seeds, grad_row, grad, M, C, eps_hat.stride(0), eps_hat.stride(1),
-        grad_row.stride(0), grad.stride(0),
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+    plan = philox_config(M, C, eps_hat.dtype, launch.target(eps_hat.device))
+    launch.run("diffusion_noise.eps_mse_bwd", _eps_mse_bwd_kernel, plan,
+               eps_hat, seeds, grad_row, grad, M, C, eps_hat.stride(0), eps_hat.stride(1),
+               grad_row.stride(0), grad.stride(0))
     return grad
 
 

@@ -18,7 +18,8 @@ import os
 
 import torch
 
-_state = {"fused": os.environ.get("IVFAST_KERNELS", "1") not in ("0", "false", "off"), "lean": True}
+_state = {"fused": os.environ.get("IVFAST_KERNELS", "1") not in ("0", "false", "off"), "lean": True,
+          "meta": False}
 
 
 def configure(*, fused: bool | None = None, lean: bool | None = None) -> None:
@@ -52,11 +53,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def meta_launches(on: bool) -> bool:
+    """Let ``meta`` tensors take the kernels' launchers (``ivfast.ops.launch.capture`` with a
+    target sets it: launches are recorded, nothing runs); returns the previous setting."""
+    previous = _state["meta"]
+    _state["meta"] = bool(on)
+    return previous
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True when a Triton kernel serves a call on these tensors (see the module docstring)."""
     if not _state["fused"]:
         return False
     if all(t.is_cuda for t in tensors):
+        return True
+    if _state["meta"] and all(t.device.type == "meta" for t in tensors):
         return True
     return interpreting() and all(t.device.type == "cpu" for t in tensors)
 
@@ -64,4 +75,9 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 def lean_applies(x: torch.Tensor) -> bool:
     """Whether a lean Function serves a call on ``x``: lean is on, autograd records and autocast
     is off (under autocast a Function would see mixed dtypes in backward)."""
-    return _state["lean"] and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+    return _state["lean"] and torch.is_grad_enabled() and not autocast_enabled(x.device)
+
+
+def autocast_enabled(device: torch.device) -> bool:
+    """``torch.is_autocast_enabled`` for ``device``'s type (False for ``meta``, which has no autocast)."""
+    return device.type != "meta" and torch.is_autocast_enabled(device.type)

@@ -2,13 +2,27 @@
 
 ``gpu`` is :func:`gpu_tiles` of the tensors' device: True for compiled kernels on a GPU,
 False under Triton's interpreter, where every program costs ~1-2 ms, so the choice there is
-few, large programs. The GPU tiles keep ~4-8 float32 elements per thread, so that the kernels
-compile without register spills (docs/design.md has the ptxas figures).
+few, large programs. The GPU tiles aim at ~4-8 float32 elements per thread, so that the kernels
+compile without register spills; the adaLN elementwise and LayerNorm-backward tiles hold 16-32
+(no spill, 8-16 resident warps per SM). ``python -m ivfast.ops.compile_check`` compiles every
+one of them for sm_80 and sm_90a and reports ptxas' figures (docs/design.md, "Tiles").
+
+Every launcher goes through one pure function per kernel, beside it in its op's file
+(``adaln.ln_mod_fwd_config`` etc.): (shape, dtype, flags, :class:`Target`) -> :class:`Launch`
+(grid, num_warps, every constexpr), then :func:`run`. :func:`capture` records launches
+instead of (or besides) running them; on ``meta`` tensors it stands for a :class:`Target`
+(A100, H100): ``ivfast.ops.compile_check`` runs the real launchers that way, so the tiles it
+compiles for sm_80 / sm_90a are the tiles the GPU gets.
 """
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional
+
 import torch
 
+from ivfast.ops import dispatch
 from ivfast.ops.dispatch import interpreting
 
 # Interpreter tiles of the adaLN kernels (elements per tile, looping programs). Tests lower
@@ -17,16 +31,158 @@ INTERP_TILE_ELEMS = 16384
 INTERP_PROGRAMS = 4
 
 
+@dataclass(frozen=True)
+class Target:
+    """What a launch is planned for: ``gpu`` (compiled CUDA tiles, else the interpreter's), the SM
+    count (programs of the looping backward kernels) and the compute capability x 10 (0: none)."""
+
+    gpu: bool
+    sms: int = 1
+    arch: int = 0
+    name: str = ""
+
+
+INTERPRETER = Target(False, 1, 0, "interpreter")
+A100 = Target(True, 108, 80, "A100")  # SXM4 80GB: 108 SMs, sm_80
+H100 = Target(True, 132, 90, "H100")  # SXM5: 132 SMs, sm_90a
+GPU_TARGETS = (A100, H100)
+
+
+class _Capture:
+    def __init__(self, target: Optional[Target], launch: bool):
+        self.target, self.launch, self.records = target, launch, []
+
+
+_captures: list = []  # the active capture() contexts, innermost last
+
+
+def _meta_target(device: torch.device) -> Optional[Target]:
+    if device.type == "meta" and _captures and _captures[-1].target is not None:
+        return _captures[-1].target
+    return None
+
+
 def gpu_tiles(device: torch.device) -> bool:
-    """Whether launches on ``device`` use the GPU's tiles (compiled kernels) or the interpreter's."""
+    """Whether launches on ``device`` use the GPU's tiles (compiled kernels) or the interpreter's
+    (``meta`` tensors under :func:`capture`: its target's)."""
+    meta = _meta_target(device)
+    if meta is not None:
+        return meta.gpu
     return device.type == "cuda" and not interpreting()
 
 
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (1 elsewhere): looping kernels launch a few per SM."""
+    meta = _meta_target(device)
+    if meta is not None:
+        return meta.sms
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
+
+
+def target(device: torch.device) -> Target:
+    """The :class:`Target` of launches on ``device`` (from :func:`gpu_tiles` and :func:`sm_count`)."""
+    meta = _meta_target(device)
+    if meta is not None:
+        return meta
+    gpu = gpu_tiles(device)
+    arch = 0
+    if gpu and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = 10 * major + minor
+    return Target(gpu, sm_count(device), arch, "cuda" if gpu else "interpreter")
+
+
+def as_target(where) -> Target:
+    """A :class:`Target` as it is, or the target of a device."""
+    return where if isinstance(where, Target) else target(torch.device(where))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as its launcher plans it: grid, num_warps and every constexpr."""
+
+    grid: tuple
+    num_warps: int
+    constexprs: tuple  # ((name, value), ...) in the kernel's order
+    scalars: tuple = ()  # ((name, value), ...): runtime arguments the plan fixes (e.g. rows per program)
+
+    @classmethod
+    def of(cls, grid, num_warps: int, scalars: tuple = (), **constexprs) -> "Launch":
+        return cls(tuple(int(g) for g in grid), int(num_warps), tuple(constexprs.items()), tuple(scalars))
+
+    def const(self, name: str):
+        return dict(self.constexprs)[name]
+
+    def scalar(self, name: str):
+        return dict(self.scalars)[name]
+
+    def options(self) -> dict:
+        """The keyword arguments of the launch: constexprs and num_warps."""
+        return {**dict(self.constexprs), "num_warps": self.num_warps}
+
+
+class TensorArg(NamedTuple):
+    """A tensor argument as :func:`capture` records it (the launch's JIT specialisation sees its
+    dtype and whether its first element is 16-byte aligned)."""
+
+    dtype: torch.dtype
+    shape: tuple
+    stride: tuple
+    misalign: int  # storage offset in bytes mod 16 (allocations are aligned)
+
+
+class Captured(NamedTuple):
+    """A launch recorded by :func:`capture`: the kernel's name ("adaln.ln_mod_fwd"), its plan,
+    its runtime arguments (tensors as :class:`TensorArg`, scalars as given, in the kernel's
+    order), their names, and the kernel object (for compiling it)."""
+
+    name: str
+    launch: Launch
+    args: tuple
+    arg_names: tuple
+    kernel: Any
+
+    def key(self) -> tuple:
+        """What identifies the launch (the kernel object left out)."""
+        return self.name, self.launch, self.args
+
+
+def _abstract(a):
+    if torch.is_tensor(a):
+        return TensorArg(a.dtype, tuple(a.shape), tuple(a.stride()), a.storage_offset() * a.element_size() % 16)
+    return a
+
+
+@contextlib.contextmanager
+def capture(target: Optional[Target] = None, *, launch: bool = False):
+    """Record every launch in the block (yields the list of :class:`Captured`).
+
+    ``launch=False``: nothing runs (kernels see no data; the outputs stay empty). With ``target``,
+    ``meta`` tensors take the kernels' launchers (``dispatch.use_triton``) planned for that target:
+    the shapes of a whole step cost no memory and no time.
+    """
+    cap = _Capture(target, launch)
+    _captures.append(cap)
+    previous = dispatch.meta_launches(target is not None)
+    try:
+        yield cap.records
+    finally:
+        _captures.remove(cap)
+        dispatch.meta_launches(previous)
+
+
+def run(name: str, kernel, plan: Launch, *args) -> None:
+    """``kernel[plan.grid](*args, **plan.options())``: every launch of ivfast.ops goes through here."""
+    if _captures:
+        rec = Captured(name, plan, tuple(_abstract(a) for a in args),
+                       tuple(getattr(kernel, "arg_names", ())[:len(args)]), kernel)
+        for cap in _captures:
+            cap.records.append(rec)
+        if not all(cap.launch for cap in _captures):
+            return
+    kernel[plan.grid](*args, **plan.options())
 
 
 def cdiv(a: int, b: int) -> int:

@@ -78,14 +78,32 @@ if triton is not None:
 
 
 # =========================================================================== launchers
+# Each kernel's plan is a pure function of (shape, dtype, flags, target), called by the launcher
+# and, through launch.capture, by ivfast.ops.compile_check (tiles independent of the dtype).
+def rms_fwd_config(rows: int, d: int, dtype: torch.dtype, target: launch.Target) -> launch.Launch:
+    """One program per BLOCK_M whole rows."""
+    bm, bd = launch.norm_tile(rows, d, gpu=target.gpu)
+    return launch.Launch.of((launch.cdiv(rows, bm),), launch.num_warps_for(bm * bd), BLOCK_M=bm, BLOCK_D=bd)
+
+
+def rms_bwd_config(rows: int, d: int, dtype: torch.dtype, target: launch.Target, *, want_x: bool,
+                   want_w: bool) -> launch.Launch:
+    """Programs each reducing a contiguous chunk of ``rows_per_prog`` rows (a scalar of the plan)."""
+    bm, bd = launch.norm_tile(rows, d, gpu=target.gpu)
+    progs = launch.norm_programs(rows, bm, gpu=target.gpu, sms=target.sms)
+    rows_per_prog = launch.cdiv(launch.cdiv(rows, bm), progs) * bm
+    return launch.Launch.of((launch.cdiv(rows, rows_per_prog),), launch.num_warps_for(bm * bd),
+                            scalars=(("rows_per_prog", rows_per_prog),),
+                            WRITE_DX=want_x, WRITE_DW=want_w, BLOCK_M=bm, BLOCK_D=bd)
+
+
 def _forward(x2, weight, eps):
     rows, d = x2.shape
     y = torch.empty_like(x2)
     rstd = torch.empty(rows, device=x2.device, dtype=torch.float32)
     if rows and d:
-        bm, bd = launch.norm_tile(rows, d, gpu=launch.gpu_tiles(x2.device))
-        _rms_fwd_kernel[(triton.cdiv(rows, bm),)](x2, weight, y, rstd, rows, d, float(eps),
-                                                 BLOCK_M=bm, BLOCK_D=bd, num_warps=launch.num_warps_for(bm * bd))
+        plan = rms_fwd_config(rows, d, x2.dtype, launch.target(x2.device))
+        launch.run("rmsnorm.fwd", _rms_fwd_kernel, plan, x2, weight, y, rstd, rows, d, float(eps))
     return y, rstd
 
 
@@ -94,15 +112,11 @@ def _backward(dy2, x2, rstd, weight, want_x: bool, want_w: bool):
     dx = torch.empty_like(x2) if want_x else None
     dw = None
     if rows and d:
-        gpu = launch.gpu_tiles(x2.device)
-        bm, bd = launch.norm_tile(rows, d, gpu=gpu)
-        progs = launch.norm_programs(rows, bm, gpu=gpu, sms=launch.sm_count(x2.device))
-        rows_per_prog = triton.cdiv(triton.cdiv(rows, bm), progs) * bm
-        progs = triton.cdiv(rows, rows_per_prog)
+        plan = rms_bwd_config(rows, d, x2.dtype, launch.target(x2.device), want_x=want_x, want_w=want_w)
+        progs = plan.grid[0]
         part = torch.empty(progs, d, device=x2.device, dtype=torch.float32) if want_w else dy2
-        _rms_bwd_kernel[(progs,)](dy2, x2, weight, rstd, dx if want_x else dy2, part, rows, d, rows_per_prog,
-                                  WRITE_DX=want_x, WRITE_DW=want_w, BLOCK_M=bm, BLOCK_D=bd,
-                                  num_warps=launch.num_warps_for(bm * bd))
+        launch.run("rmsnorm.bwd", _rms_bwd_kernel, plan, dy2, x2, weight, rstd, dx if want_x else dy2, part,
+                   rows, d, plan.scalar("rows_per_prog"))
         if want_w:
             dw = part.sum(0).to(weight.dtype)
     elif want_w:

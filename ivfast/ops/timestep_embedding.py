@@ -57,6 +57,14 @@ if triton is not None:
         tl.store(out_ptr + offs, val, mask=rmask[:, None] & (cols < DIM)[None, :])
 
 
+# =========================================================================== launcher
+def timestep_config(m: int, dim: int, target: launch.Target) -> launch.Launch:
+    """(m, dim) float32 output (the dtype is always float32): row x column tiles."""
+    bm, bd = launch.row_tile(m, dim, gpu=target.gpu)
+    return launch.Launch.of((launch.cdiv(m, bm), launch.cdiv(dim, bd)), launch.num_warps_for(bm * bd),
+                            DIM=dim, HALF=dim // 2, BLOCK_M=bm, BLOCK_D=bd)
+
+
 # =========================================================================== API
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """(M, dim) float32 embedding of timesteps ``t`` (any shape, flattened)."""
@@ -73,8 +81,6 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
         return out
     half = dim // 2
     freqs = _freqs(dim, max_period, flat.device) if half else torch.zeros(1, device=flat.device)  # never read at dim 1
-    bm, bd = launch.row_tile(m, dim, gpu=launch.gpu_tiles(flat.device))
-    grid = (triton.cdiv(m, bm), triton.cdiv(dim, bd))
-    _timestep_kernel[grid](flat, freqs, out, m, DIM=dim, HALF=half, BLOCK_M=bm, BLOCK_D=bd,
-                           num_warps=launch.num_warps_for(bm * bd))
+    plan = timestep_config(m, dim, launch.target(flat.device))
+    launch.run("timestep_embedding", _timestep_kernel, plan, flat, freqs, out, m)
     return out

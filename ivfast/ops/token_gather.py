@@ -250,9 +250,46 @@ def _pos_args(pos, grid, like):
     return POS_SINCOS, like, 0, 0, grid[1], grid[2]
 
 
-def _bwd_tile(n: int, d: int, device) -> tuple[int, int]:
+# Each kernel's plan is a pure function of (shape, dtype, flags, target), called by the launcher
+# and, through launch.capture, by ivfast.ops.compile_check (tiles independent of the dtype).
+def _row_plan(rows: int, d: int, target: launch.Target, pos_mode: int) -> launch.Launch:
+    # The in-kernel sine-cosine needs ~70 registers at 8 elements per thread, where ptxas may spill
+    # (fp32, 1024 wide, 8 warps: 12 bytes; ivfast.ops.compile_check): its GPU tiles are 1K elements
+    # over up to 8 warps, 4 per thread (40-50 registers).
+    sincos = pos_mode == POS_SINCOS and target.gpu
+    bm, bd = launch.row_tile(rows, d, gpu=target.gpu, max_tile=1024 if sincos else 2048)
+    return launch.Launch.of((launch.cdiv(rows, bm), launch.cdiv(d, bd)),
+                            launch.num_warps_for(bm * bd * (2 if sincos else 1)),
+                            POS_MODE=pos_mode, DIM=d, BLOCK_M=bm, BLOCK_D=bd)
+
+
+def _bwd_plan(n: int, d: int, target: launch.Target, **constexprs) -> launch.Launch:
     # The backward kernels loop over the batch and hold one or two fp32 accumulator tiles.
-    return launch.row_tile(n, d, gpu=launch.gpu_tiles(device), max_tile=2048, max_rows=32)
+    bn, bd = launch.row_tile(n, d, gpu=target.gpu, max_tile=2048, max_rows=32)
+    return launch.Launch.of((launch.cdiv(n, bn), launch.cdiv(d, bd)), launch.num_warps_for(bn * bd),
+                            **constexprs, BLOCK_N=bn, BLOCK_D=bd)
+
+
+def add_pos_fwd_config(rows: int, d: int, dtype: torch.dtype, target: launch.Target, *,
+                       pos_mode: int) -> launch.Launch:
+    """``rows`` = B * M gathered tokens of width d; a 2-D grid of row x column tiles."""
+    return _row_plan(rows, d, target, pos_mode)
+
+
+def pos_grad_config(n: int, d: int, dtype: torch.dtype, target: launch.Target) -> launch.Launch:
+    """Blocks of the N positions x column tiles, each looping over the batch."""
+    return _bwd_plan(n, d, target)
+
+
+def scatter_fwd_config(rows: int, d: int, dtype: torch.dtype, target: launch.Target, *,
+                       pos_mode: int) -> launch.Launch:
+    """``rows`` = B * N output tokens."""
+    return _row_plan(rows, d, target, pos_mode)
+
+
+def scatter_bwd_config(n: int, d: int, dtype: torch.dtype, target: launch.Target, *, gvis: bool, gpos: bool,
+                       gmt: bool) -> launch.Launch:
+    return _bwd_plan(n, d, target, WRITE_GVIS=gvis, WRITE_GPOS=gpos, WRITE_GMT=gmt)
 
 
 def _add_pos_forward(x, idx, pos, grid):
@@ -262,12 +299,10 @@ def _add_pos_forward(x, idx, pos, grid):
     if r == 0 or d == 0:
         return out
     mode, pos_t, spn, spd, h, w = _pos_args(pos, grid, x)
-    bm, bd = launch.row_tile(r, d, gpu=launch.gpu_tiles(x.device))
-    _add_pos_fwd_kernel[(triton.cdiv(r, bm), triton.cdiv(d, bd))](
-        x, idx, pos_t, out, r, m, d, h, w,
-        x.stride(0), x.stride(1), x.stride(2), idx.stride(0), idx.stride(1), spn, spd,
-        POS_MODE=mode, DIM=d, BLOCK_M=bm, BLOCK_D=bd, num_warps=launch.num_warps_for(bm * bd),
-    )
+    plan = add_pos_fwd_config(r, d, x.dtype, launch.target(x.device), pos_mode=mode)
+    launch.run("token_gather.add_pos_fwd", _add_pos_fwd_kernel, plan,
+               x, idx, pos_t, out, r, m, d, h, w,
+               x.stride(0), x.stride(1), x.stride(2), idx.stride(0), idx.stride(1), spn, spd)
     return out
 
 
@@ -276,11 +311,9 @@ def _pos_grad(g, idx, n, pos_dtype):
     gpos = torch.empty(n, d, device=g.device, dtype=pos_dtype)
     if n and d:
         inv = inverse_index(idx, n)
-        bn, bd = _bwd_tile(n, d, g.device)
-        _pos_grad_kernel[(triton.cdiv(n, bn), triton.cdiv(d, bd))](
-            g, inv, gpos, bsz, n, d, g.stride(0), g.stride(1), g.stride(2),
-            BLOCK_N=bn, BLOCK_D=bd, num_warps=launch.num_warps_for(bn * bd),
-        )
+        plan = pos_grad_config(n, d, g.dtype, launch.target(g.device))
+        launch.run("token_gather.pos_grad", _pos_grad_kernel, plan,
+                   g, inv, gpos, bsz, n, d, g.stride(0), g.stride(1), g.stride(2))
     return gpos
 
 
@@ -292,12 +325,10 @@ def _scatter_forward(visible, inv, mask_token, pos, grid):
     if r == 0 or d == 0:
         return out
     mode, pos_t, spn, spd, h, w = _pos_args(pos, grid, visible)
-    bm, bd = launch.row_tile(r, d, gpu=launch.gpu_tiles(visible.device))
-    _scatter_fwd_kernel[(triton.cdiv(r, bm), triton.cdiv(d, bd))](
-        visible, inv, mask_token, pos_t, out, r, n, d, h, w,
-        visible.stride(0), visible.stride(1), visible.stride(2), spn, spd,
-        POS_MODE=mode, DIM=d, BLOCK_M=bm, BLOCK_D=bd, num_warps=launch.num_warps_for(bm * bd),
-    )
+    plan = scatter_fwd_config(r, d, visible.dtype, launch.target(visible.device), pos_mode=mode)
+    launch.run("token_gather.scatter_fwd", _scatter_fwd_kernel, plan,
+               visible, inv, mask_token, pos_t, out, r, n, d, h, w,
+               visible.stride(0), visible.stride(1), visible.stride(2), spn, spd)
     return out
 
 
@@ -339,15 +370,12 @@ class _ScatterMaskToken(torch.autograd.Function):
         gpos = torch.empty(n, d, device=g.device, dtype=pos_dtype) if want_pos else None
         gmt = None
         if n and d:
-            bn, bd = _bwd_tile(n, d, g.device)
-            launch_grid = (triton.cdiv(n, bn), triton.cdiv(d, bd))
-            part = torch.empty(launch_grid[0], d, device=g.device, dtype=torch.float32) if want_mt else g
-            _scatter_bwd_kernel[launch_grid](
-                g, inv, gvis if want_vis else g, gpos if want_pos else g, part, bsz, n, m, d,
-                g.stride(0), g.stride(1), g.stride(2),
-                WRITE_GVIS=want_vis, WRITE_GPOS=want_pos, WRITE_GMT=want_mt,
-                BLOCK_N=bn, BLOCK_D=bd, num_warps=launch.num_warps_for(bn * bd),
-            )
+            plan = scatter_bwd_config(n, d, g.dtype, launch.target(g.device), gvis=want_vis, gpos=want_pos,
+                                      gmt=want_mt)
+            part = torch.empty(plan.grid[0], d, device=g.device, dtype=torch.float32) if want_mt else g
+            launch.run("token_gather.scatter_bwd", _scatter_bwd_kernel, plan,
+                       g, inv, gvis if want_vis else g, gpos if want_pos else g, part, bsz, n, m, d,
+                       g.stride(0), g.stride(1), g.stride(2))
             if want_mt:
                 gmt = part.sum(0).to(mt_dtype)
         elif want_mt:
