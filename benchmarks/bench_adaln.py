@@ -45,12 +45,10 @@ from ivfast.ops.dispatch import interpreting, use_triton  # noqa: E402
 
 GPU = harness.on_gpu()
 DEV = harness.bench_device()
-if GPU:
-    SHAPE = dict(rows=52224, width=1536, depth=6, out_channels=1176)
-    ROUNDS, WARMUP = 20, 3
-else:
-    SHAPE = dict(rows=64 if interpreting() else 128, width=128, depth=2, out_channels=96)
-    ROUNDS, WARMUP = 3, 1
+_PAPER = dict(rows=52224, width=1536, depth=6, out_channels=1176)  # the head of the paper's configs, B and L alike
+SHAPE = harness.pick_shapes("adaln", gpu=[_PAPER], paper=[_PAPER],
+                            cpu=[dict(rows=64 if interpreting() else 128, width=128, depth=2, out_channels=96)])[0]
+ROUNDS, WARMUP = (20, 3) if GPU else (3, 1)
 
 SCOPES = ["block", "head"]
 IMPLS = ["eager_fp32", "eager_bf16", "compile_bf16", "fused_bf16", "fused_fp32"]

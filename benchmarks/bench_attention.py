@@ -4,9 +4,9 @@
 
 GPU: the real shapes (encoder 16 x 836 tokens x 12 heads, also as a varlen batch of 16
 sequences of different lengths; predictor 16 x 4100 tokens x 16 heads, window 64 and
-global; teacher 256 frames x 256 patches x 16 heads), forward and forward+backward, timed
-with ``harness.gpu_time_ms``; the table goes to ``benchmarks/results`` via
-``harness.write_results``. CPU: small shapes that only prove the harness runs; nothing is
+global; teacher 256 frames x 256 patches x 16 heads; IVFAST_BENCH_SHAPES=paper: all but the
+varlen case), forward and forward+backward, timed with ``harness.gpu_time_ms``; the table goes
+to ``benchmarks/results`` via ``harness.write_results``. CPU: small shapes that only prove the harness runs; nothing is
 written. A backend that cannot serve a case here (flash-attn not installed, FlexAttention
 backward on the CPU, math too large) is skipped with the reason, never measured through a
 fallback. FLOPs count only the (query, key) pairs inside the window (and inside each
@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from benchmarks.harness import bench_device, gpu_time_ms, on_gpu, write_results
+from benchmarks.harness import bench_device, gpu_time_ms, on_gpu, pick_shapes, shape_set, write_results
 from ivfast.ops import attention as A
 
 HEAD_DIM = 64
@@ -41,7 +41,7 @@ CPU_CASES = [
     ("predictor-global", 2, 2, 160, None, None),
     ("teacher", 8, 2, 64, None, None),
 ]
-CASES = GPU_CASES if on_gpu() else CPU_CASES
+CASES = pick_shapes("attention", gpu=GPU_CASES, cpu=CPU_CASES, paper=[c for c in GPU_CASES if c[0] != "encoder-varlen"])
 BACKENDS = ["flash", "flex", "sdpa", "math"]
 MODES = ["fwd", "fwd+bwd"]
 
@@ -70,7 +70,8 @@ def _inputs(batch, heads, n, lengths, grad, device):
 def _write_table():
     yield
     if on_gpu() and _rows:
-        config = {"dtype": str(DTYPE).replace("torch.", ""), "head_dim": HEAD_DIM, "timing": "triton do_bench median",
+        config = {"dtype": str(DTYPE).replace("torch.", ""), "head_dim": HEAD_DIM, "shapes": shape_set(),
+                  "timing": "triton do_bench median",
                   "flops": "4*H*pairs*Dh fwd (pairs inside window / sequence), x3.5 fwd+bwd",
                   "cases": [dict(zip(("name", "batch", "heads", "tokens", "window", "lengths"), c)) for c in CASES],
                   "attention": A.describe_backend()}

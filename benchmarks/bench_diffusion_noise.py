@@ -43,7 +43,7 @@ from ivfast.ops.diffusion_noise import eps_mse, q_sample, row_seeds
 C = 588
 GPU_SHAPES = [(52224, C, torch.bfloat16), (52224, C, torch.float32)]
 CPU_SHAPES = [(64, C, torch.float32)]
-SHAPES = GPU_SHAPES if harness.on_gpu() else CPU_SHAPES
+SHAPES = harness.pick_shapes("diffusion_noise", gpu=GPU_SHAPES, cpu=CPU_SHAPES, paper=GPU_SHAPES)
 MODES = ("forward", "backward", "full")
 IMPLS = ("eager", "compile", "fused")
 ROWS_PER_SAMPLE = 3264

@@ -17,7 +17,8 @@ IVFAST_BENCH_COMPILE=1 (compile time dwarfs these tiny shapes).
 
 Shapes: GPU, the encoder on the visible tokens of the Stage-1 batch: 16 clips x (832
 visible + 4 CLS) = 13,376 rows at widths 768 and 1024, and the full clip (16 x 4100 rows,
-768), bf16 activations with an fp32 weight. CPU: 64 rows x 96, fp32.
+768), bf16 activations with an fp32 weight (IVFAST_BENCH_SHAPES=paper: the two 13,376-row
+shapes). CPU: 64 rows x 96, fp32.
 
 Essential bytes (the same for every implementation; the weight and the per-row rstd are
 counted, the (#programs, D) dweight partials are not): forward reads x and writes y; backward
@@ -34,10 +35,8 @@ import torch
 from benchmarks import harness
 from ivfast.ops import rmsnorm as kr
 
-if harness.on_gpu():
-    SHAPES = [(16 * 836, 768, torch.bfloat16), (16 * 836, 1024, torch.bfloat16), (16 * 4100, 768, torch.bfloat16)]
-else:
-    SHAPES = [(64, 96, torch.float32)]
+_B, _L, _CLIP = (16 * 836, 768, torch.bfloat16), (16 * 836, 1024, torch.bfloat16), (16 * 4100, 768, torch.bfloat16)
+SHAPES = harness.pick_shapes("rmsnorm", gpu=[_B, _L, _CLIP], cpu=[(64, 96, torch.float32)], paper=[_B, _L])
 OPS = ("rmsnorm",)
 MODES = ("forward", "backward", "full")
 IMPLS = ("eager", "compile", "triton")

@@ -22,7 +22,8 @@ interpreter). On a CPU ``compile`` is skipped unless IVFAST_BENCH_COMPILE=1.
 
 Shapes: GPU: tables (16 x 16 x 16, 768) and (32 x 16 x 16, 1024) in fp32; timesteps for
 16 clips x 3264 masked tokens (52,224 rows) and 4x that (``diffusion_batch_mul`` 4), 256
-wide. CPU: (2 x 4 x 4, 64) and 64 timesteps.
+wide (IVFAST_BENCH_SHAPES=paper: the 16-frame table and 52,224 rows). CPU: (2 x 4 x 4, 64) and
+64 timesteps.
 
 Essential bytes: the output written (and the timesteps read). On a GPU each row also
 records the achieved GB/s and its share of ``harness.copy_bandwidth_gbs()``.
@@ -37,12 +38,10 @@ from benchmarks import harness
 from ivfast.ops import sincos as ks
 from ivfast.ops import timestep_embedding as te
 
-if harness.on_gpu():
-    TABLES = [(768, (16, 16, 16)), (1024, (32, 16, 16))]
-    TIMESTEPS = [(52224, 256), (4 * 52224, 256)]
-else:
-    TABLES = [(64, (2, 4, 4))]
-    TIMESTEPS = [(64, 256)]
+TABLES = harness.pick_shapes("sincos_3d", gpu=[(768, (16, 16, 16)), (1024, (32, 16, 16))], cpu=[(64, (2, 4, 4))],
+                             paper=[(768, (16, 16, 16))])
+TIMESTEPS = harness.pick_shapes("timestep_embedding", gpu=[(52224, 256), (4 * 52224, 256)], cpu=[(64, 256)],
+                                paper=[(52224, 256)])
 IMPLS = ("eager", "compile", "triton")
 TABLE_IMPLS = ("eager", "compile")
 

@@ -53,10 +53,8 @@ from benchmarks import harness
 from ivfast.ops import token_gather as tg
 from ivfast.ops.sincos import sincos_3d
 
-if harness.on_gpu():
-    SHAPES = [(16, (16, 16, 16), 52, 768, torch.bfloat16), (16, (16, 16, 16), 52, 1024, torch.bfloat16)]
-else:
-    SHAPES = [(2, (2, 4, 4), 4, 64, torch.float32)]
+_GPU = [(16, (16, 16, 16), 52, 768, torch.bfloat16), (16, (16, 16, 16), 52, 1024, torch.bfloat16)]
+SHAPES = harness.pick_shapes("token_gather", gpu=_GPU, cpu=[(2, (2, 4, 4), 4, 64, torch.float32)], paper=_GPU)
 OPS = ("gather", "scatter")
 POS_KINDS = ("table", "sincos")
 MODES = ("forward", "backward", "full")

@@ -23,6 +23,34 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+# Which GPU shapes the microbenchmarks run: IVFAST_BENCH_SHAPES=all (unset: the default, what
+# `make bench` runs) or paper: only the shapes of the paper's Stage-1 configs (ViT-B and ViT-L,
+# batch 16, 16 frames, 224 px, mask 0.8) in the dtypes the engine launches there; the extra
+# shapes (the full clip through RMSNorm, 4x diffusion rows, a 32-frame table, varlen attention)
+# are left out. The CPU shapes are the same either way. benchmarks/gpu_check.sh sets paper.
+SHAPE_SETS = ("all", "paper")
+SHAPE_PLANS: dict[str, dict] = {}  # benchmark -> GPU shapes, paper shapes (filled at import; the dry run prints it)
+
+
+def shape_set() -> str:
+    value = os.environ.get("IVFAST_BENCH_SHAPES", "").strip() or "all"
+    if value not in SHAPE_SETS:
+        raise ValueError(f"IVFAST_BENCH_SHAPES={value!r}: must be one of {', '.join(SHAPE_SETS)}")
+    return value
+
+
+def pick_shapes(name: str, gpu: list, cpu: list, paper: list) -> list:
+    """The shapes benchmark ``name`` runs here: ``cpu`` without a GPU; on a GPU ``gpu``, or its
+    subset ``paper`` when IVFAST_BENCH_SHAPES=paper."""
+    missing = [s for s in paper if s not in gpu]
+    if missing or not paper:
+        raise ValueError(f"{name}: the paper shapes must be a non-empty subset of the GPU shapes ({missing})")
+    SHAPE_PLANS[name] = {"gpu": list(gpu), "paper": list(paper)}
+    if not on_gpu():
+        return list(cpu)
+    return list(paper) if shape_set() == "paper" else list(gpu)
+
+
 def bench_device() -> torch.device:
     return torch.device("cuda" if on_gpu() else "cpu")
 
@@ -35,7 +63,9 @@ def environment() -> dict:
         dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
                                     cwd=os.path.dirname(RESULTS_DIR)).stdout.strip())
     except OSError:
-        commit, dirty = "unknown", False
+        commit, dirty = "", False
+    if not commit:  # no git history here (a device machine gets the files alone): the commit recorded
+        commit, dirty = os.environ.get("IVFAST_COMMIT", "") or "unknown", False  # by gpu_check.sh, if any
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit + ("-dirty" if dirty else ""),
@@ -161,7 +191,8 @@ def write_kernel_results(name: str, config: dict, rows: list[dict]) -> str | Non
         return None
     from ivfast.ops import dispatch
 
-    config = {**config, "timing": "triton do_bench median" if on_gpu() else "perf_counter median of 5",
+    config = {**config, "shapes": shape_set(),
+              "timing": "triton do_bench median" if on_gpu() else "perf_counter median of 5",
               "triton_path": dispatch.use_triton(torch.empty(0, device=bench_device()))}
     if on_gpu():
         config["copy_bandwidth_gbs"] = round(copy_bandwidth_gbs(), 1)
