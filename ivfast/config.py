@@ -201,6 +201,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config error: {key} = {value!r}: must be one of {_type_name(tp)}")
         return value
     if origin in (list, List):
+        if typing.get_args(tp) == (str,) and isinstance(value, str):
+            value = [value]  # a list of strings given as one string (e.g. data.shards: "train-{0..9}.tar")
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config error: {key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
         (item_tp,) = typing.get_args(tp)
@@ -537,12 +539,19 @@ def validate(cfg: Config) -> None:
     _check(d.source != "list" or bool(d.list_file), "data.list_file", d.list_file, "is required when data.source is 'list'")
     _check(all(0 < s <= 1 for s in d.scales) and len(d.scales) > 0, "data.scales", d.scales, "must be in (0, 1]")
     _check(d.synthetic_clips >= 1, "data.synthetic_clips", d.synthetic_clips, "must be >= 1")
-    _check(d.backend not in ("pyav", "dali") or d.source == "list", "data.backend", d.backend,
-           f"reads a data list: needs data.source 'list' (data.source is {d.source!r})")
+    _check(d.backend not in ("pyav", "dali") or d.source == "list" or (d.backend, d.source) == ("pyav", "shards"),
+           "data.backend", d.backend, f"reads a data list: needs data.source 'list' (data.source is {d.source!r})"
+           + (" (shards are read by the pyav backend)" if d.source == "shards" else ""))
+    _check(d.source != "shards" or bool(d.shards), "data.shards", d.shards,
+           "is required when data.source is 'shards' (a brace pattern or a list of paths)")
+    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 0 (0: no buffer shuffle)")
     _check(d.backend != "synthetic" or d.source == "synthetic", "data.backend", d.backend,
            f"generates clips: needs data.source 'synthetic' (data.source is {d.source!r})")
     _check(d.min_frames >= 1, "data.min_frames", d.min_frames, "must be >= 1")
     _check(d.decode_timeout_s >= 0, "data.decode_timeout_s", d.decode_timeout_s, "must be >= 0 (0: no limit)")
+    from ivfast.data.config import frame_template_error  # data.frame_template
+    _check(frame_template_error(d.frame_template) is None, "data.frame_template", d.frame_template,
+           str(frame_template_error(d.frame_template)))
     _check(d.dali_threads >= 1, "data.dali_threads", d.dali_threads, "must be >= 1")
     _check(d.dali_prefetch >= 1, "data.dali_prefetch", d.dali_prefetch, "must be >= 1")
     _check(tr.max_steps >= 0, "train.max_steps", tr.max_steps, "must be >= 0 (0: derive from train.epochs)")

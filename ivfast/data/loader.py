@@ -66,6 +66,8 @@ def resolve_backend(d: DataConfig) -> str:
         return d.backend
     if d.source == "synthetic":
         return "synthetic"
+    if d.source == "shards":
+        return "pyav"
     return "dali" if _dali_usable() else "pyav"
 
 
@@ -87,19 +89,39 @@ def build_dataset(d: DataConfig):
 
     With ``d.check_files`` the files are checked for existence and one summary line is
     logged; missing files stay in the list (each is a bad sample, counted when met), but a
-    list with no existing file is an error.
+    list with no existing file is an error. Malformed list lines are kept as bad samples
+    (skipped, warned about with their file and line, counted). Folders of frames and
+    fsspec URLs are read by the PyAV backend only: ``backend: auto`` then resolves to
+    ``pyav`` (``d.backend`` is set so), an explicit ``dali`` is an error.
     """
     backend = resolve_backend(d)
     if backend == "synthetic":
         from ivfast.data.synthetic import SyntheticClips
 
         return SyntheticClips(num_clips=d.synthetic_clips, num_frames=d.num_frames, size=d.img_size)
+    if d.source == "shards":  # webdataset-style tar shards: ivfast/data/shards.py
+        from ivfast.data.shards import ShardDataset, expand_shards, index_shards
+
+        paths = expand_shards(d.shards)
+        counts = index_shards(paths, d.shard_index)
+        logger.info("data (shards): %d shards, %d samples", len(paths), sum(counts))
+        return ShardDataset(paths, counts, num_frames=d.num_frames, size=d.img_size, scales=tuple(d.scales),
+                            flip=d.flip, decode_timeout_s=d.decode_timeout_s, min_frames=d.min_frames)
+    from ivfast.data.fs import is_url
     from ivfast.data.lists import check_files, files_summary, read_list
     from ivfast.data.video_list import VideoListDataset
 
-    entries = read_list(d.list_file, d.root, d.list_format)
+    entries = read_list(d.list_file, d.root, d.list_format, bad_lines="keep")
     if not entries:
         raise ValueError(f"{d.list_file} names no videos")
+    odd = next((e for e in entries if e.frames or is_url(e.path)), None)
+    if backend == "dali" and odd is not None:
+        what = f"a folder of frames ({odd.path})" if odd.frames else f"a URL ({odd.path})"
+        if d.backend == "dali":
+            raise ValueError(f"data.backend dali reads local video files; {d.list_file} names {what}: "
+                             f"set data.backend: pyav")
+        logger.info("data: %s names %s; reading it with the PyAV backend", d.list_file, what)
+        d.backend = backend = "pyav"
     if d.check_files:
         found, missing = check_files(entries)
         logger.info("data (%s): %s", backend, files_summary(d.list_file, found, missing))
@@ -107,7 +129,8 @@ def build_dataset(d: DataConfig):
             raise FileNotFoundError(f"none of the {len(entries)} videos of {d.list_file} exists "
                                     f"(first: {entries[0].path}); check data.root")
     return VideoListDataset(entries, num_frames=d.num_frames, size=d.img_size, scales=tuple(d.scales),
-                            flip=d.flip, train=True, decode_timeout_s=d.decode_timeout_s, min_frames=d.min_frames)
+                            flip=d.flip, train=True, decode_timeout_s=d.decode_timeout_s, min_frames=d.min_frames,
+                            frame_template=d.frame_template)
 
 
 def build_loader(d: DataConfig, dataset, *, rank: int, world: int, seed: int, pin_memory: bool, dtype=None):
@@ -117,8 +140,20 @@ def build_loader(d: DataConfig, dataset, *, rank: int, world: int, seed: int, pi
     DataLoader with ``d.num_workers`` persistent worker processes (each opens its own
     decoders), 4 batches prefetched per worker. DALI: ``DaliVideoLoader`` over the
     dataset's entries with the same sampler and augmentation draws, the video already on
-    this rank's GPU in ``dtype`` (the training dtype; float32 when None).
+    this rank's GPU in ``dtype`` (the training dtype; float32 when None). Shards
+    (``d.source == "shards"``): the sampler is a ``shards.ShardPlan`` (same ``len`` and
+    ``set_position``) and the workers, started afresh by each ``iter(loader)``, yield whole
+    batches in its order.
     """
+    if d.source == "shards":  # the dataset yields whole batches in the plan's order; see shards.py
+        from ivfast.data.shards import ShardPlan, keep_batch
+
+        plan = dataset.plan = ShardPlan(dataset.counts, d.batch_size, rank, world, seed, d.shuffle_buffer)
+        # Fresh workers at each iter(): they take the plan's position (epoch, batch) with them.
+        loader = DataLoader(dataset, batch_size=None, num_workers=d.num_workers, collate_fn=keep_batch,
+                            pin_memory=pin_memory, persistent_workers=False,
+                            prefetch_factor=4 if d.num_workers > 0 else None)
+        return loader, plan
     sampler = ShardedBatchSampler(len(dataset), d.batch_size, rank, world, seed)
     if resolve_backend(d) == "dali":
         import torch

@@ -1,6 +1,7 @@
 """Clips from the videos of a dataset list, decoded with PyAV in the calling process."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 from typing import Sequence
@@ -8,17 +9,15 @@ from typing import Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
+from ivfast.data import fs
 from ivfast.data.collate import sample_key
 from ivfast.data.decode_timeout import Deadline, time_limit
-from ivfast.data.lists import VideoEntry, read_list, segment_frames
+from ivfast.data.frames import DEFAULT_TEMPLATE, check_template, load_frames
+from ivfast.data.lists import UnreadableVideo, VideoEntry, read_list, segment_frames
 from ivfast.data.sampling import tsn_indices
 from ivfast.data.transforms import DEFAULT_SCALES, IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 logger = logging.getLogger("ivfast.data")
-
-
-class UnreadableVideo(Exception):
-    """A video that cannot give a clip; the message is the reason logged."""
 
 
 def failure_reason(e: BaseException) -> str:
@@ -27,14 +26,26 @@ def failure_reason(e: BaseException) -> str:
 
 
 def open_video(path: str, timeout_s: float = 0.0):
-    """An open PyAV container with a video stream; ``timeout_s > 0`` bounds each blocking read."""
+    """An open PyAV container with a video stream; ``timeout_s > 0`` bounds each blocking read.
+
+    A URL (``fs.is_url``) is read whole through fsspec and decoded from memory."""
     import av  # imported lazily: the synthetic data path needs no PyAV
 
-    if not os.path.exists(path):
-        raise UnreadableVideo("file not found")
-    if os.path.getsize(path) == 0:
-        raise UnreadableVideo("empty file")
-    container = av.open(path, timeout=timeout_s if timeout_s > 0 else None)
+    if fs.is_url(path):
+        try:
+            data = fs.read_bytes(path)
+        except (FileNotFoundError, IsADirectoryError):
+            raise UnreadableVideo("file not found") from None
+        if not data:
+            raise UnreadableVideo("empty file")
+        source = io.BytesIO(data)
+    else:
+        if not os.path.exists(path):
+            raise UnreadableVideo("file not found")
+        if os.path.getsize(path) == 0:
+            raise UnreadableVideo("empty file")
+        source = path
+    container = av.open(source, timeout=timeout_s if timeout_s > 0 else None)
     if not container.streams.video:
         container.close()
         raise UnreadableVideo("no video stream")
@@ -158,7 +169,11 @@ class VideoListDataset(Dataset):
     """Clips from the videos of a dataset list, keyed ``(index, sample_seed)``.
 
     ``videos``: a list file (any format of :mod:`ivfast.data.lists`; relative paths join
-    ``root``) or a sequence of ``VideoEntry`` (paths used as they are).
+    ``root``; malformed lines are kept as bad samples, see below) or a sequence of
+    ``VideoEntry`` (paths used as they are). Paths may be fsspec URLs (:mod:`ivfast.data.fs`).
+    An entry with ``frames`` is a folder of frames named by ``frame_template``
+    (:func:`ivfast.data.frames.load_frames`): the same frame indices, transforms and draws
+    as a video of that many frames.
     ``__getitem__((index, seed))`` -> ``{"video": float32 (3, num_frames, size, size),
     "label": int, "index": int}`` or ``None``. With ``train=True`` the frames are a random
     TSN draw through ``train_transform`` (flip only when both ``flip`` and the entry's
@@ -169,8 +184,10 @@ class VideoListDataset(Dataset):
     The video is opened inside the call and nothing decoded is kept, so each DataLoader
     worker has its own decoder. A sample that cannot be read (missing, empty, not a video,
     no frames, fewer than ``min_frames`` frames, a decoding error, decoding longer than
-    ``decode_timeout_s``) logs one warning on the ``"ivfast.data"`` logger naming the file
-    and the reason and returns ``None``: never retried, never replaced by another index.
+    ``decode_timeout_s``, a missing or undecodable frame of a folder, a malformed list
+    line: its ``error`` names the list file and line) logs one warning on the
+    ``"ivfast.data"`` logger naming the file and the reason and returns ``None``: never
+    retried, never replaced by another index.
     An ``index`` out of range is a caller bug and raises ``IndexError``.
     """
 
@@ -188,6 +205,7 @@ class VideoListDataset(Dataset):
         list_format: str = "auto",
         decode_timeout_s: float = 0.0,
         min_frames: int = 1,
+        frame_template: str = DEFAULT_TEMPLATE,
     ):
         if num_frames <= 0 or size <= 0:
             raise ValueError(f"VideoListDataset: bad num_frames={num_frames} / size={size}")
@@ -195,7 +213,7 @@ class VideoListDataset(Dataset):
             raise ValueError(f"VideoListDataset: min_frames must be >= 1, got {min_frames}")
         if isinstance(videos, (str, os.PathLike)):
             self.list_file = str(videos)
-            self.entries = read_list(self.list_file, root, list_format)
+            self.entries = read_list(self.list_file, root, list_format, bad_lines="keep")
         else:
             self.list_file = "<entries>"
             self.entries = list(videos)
@@ -205,6 +223,7 @@ class VideoListDataset(Dataset):
         self.scales, self.flip, self.train = tuple(float(s) for s in scales), bool(flip), bool(train)
         self.mean, self.std = tuple(mean), tuple(std)
         self.decode_timeout_s, self.min_frames = float(decode_timeout_s), int(min_frames)
+        self.frame_template = check_template(frame_template)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -216,8 +235,14 @@ class VideoListDataset(Dataset):
         entry = self.entries[index]
         rng = np.random.default_rng(seed) if self.train else None  # a bad seed is a caller bug: raise
         try:
-            frames = load_clip(entry.path, self.num_frames, rng, seed, entry=entry, min_frames=self.min_frames,
-                               timeout_s=self.decode_timeout_s)
+            if entry.error:
+                raise UnreadableVideo(entry.error)
+            if entry.frames:
+                frames = load_frames(entry, self.num_frames, rng, template=self.frame_template,
+                                     min_frames=self.min_frames, timeout_s=self.decode_timeout_s)
+            else:
+                frames = load_clip(entry.path, self.num_frames, rng, seed, entry=entry, min_frames=self.min_frames,
+                                   timeout_s=self.decode_timeout_s)
             if self.train:
                 video = train_transform(frames, self.size, rng, scales=self.scales, flip=self.flip and entry.flip,
                                         mean=self.mean, std=self.std)
