@@ -1,11 +1,22 @@
-"""RandAugment for video clips, in plain torch, on uint8 ``(T, H, W, C)`` frames: one plan of
-ops, magnitudes and signs per clip, applied identically to every frame (temporal
-consistency); the data-dependent ops take their statistics over the whole clip."""
+"""RandAugment for video clips as timm defines it, in plain torch, on uint8 ``(T, H, W, C)``
+frames: one plan of ops, magnitudes and signs per clip, applied identically to every frame.
+
+The level-to-argument tables (:data:`LEVEL_TO_ARG`), the op lists (:data:`RAND_TRANSFORMS`,
+:data:`RAND_INCREASING_TRANSFORMS`), the choice weights and the grammar of the config strings
+(:func:`parse_rand_augment`) are ported from timm (pytorch-image-models,
+``timm/data/auto_augment.py``, Copyright 2019 Ross Wightman, Apache License 2.0,
+https://github.com/huggingface/pytorch-image-models), which VideoMAE, VideoMAEv2, InternVideo
+(``datasets/rand_augment.py``) and V-JEPA 2 vendor. The ops reproduce what timm's PIL calls do
+to each frame (``ImageOps`` / ``ImageEnhance`` / ``Image.transform`` with bilinear resampling):
+the data-dependent ops (AutoContrast, Equalize, Contrast) take their statistics per frame, as
+PIL does on each frame of the anchors' clips.
+"""
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -14,184 +25,306 @@ from torch.utils.data import Dataset
 
 from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
-__all__ = ["OPS", "RandAugment", "OpDraw", "RandAugClips", "apply_op", "autocontrast", "equalize", "invert",
-           "posterize", "solarize", "solarize_add", "color", "contrast", "brightness", "sharpness", "affine", "rotate", "shear_x", "shear_y",
-           "translate_x", "translate_y"]
+__all__ = ["LEVEL_DENOM", "LEVEL_TO_ARG", "RAND_TRANSFORMS", "RAND_INCREASING_TRANSFORMS", "RAND_CHOICE_WEIGHTS_W0",
+           "RAND_WEIGHTED_0", "OPS", "RandAugment", "OpDraw", "RandAugClips", "parse_rand_augment", "level_to_arg",
+           "apply_op", "autocontrast", "equalize", "invert", "posterize", "solarize", "solarize_add", "color", "contrast",
+           "brightness", "sharpness", "affine", "rotate", "shear_x", "shear_y", "translate_x", "translate_y",
+           "IMG_MEAN_FILL"]
 
-MAX_MAGNITUDE = 10.0
-
-
-def _to_u8(x: torch.Tensor) -> torch.Tensor:
-    return x.round().clamp_(0, 255).to(torch.uint8)
-
-
-def _blend(a: torch.Tensor, b: torch.Tensor, factor: float) -> torch.Tensor:
-    """``b + factor (a - b)`` in float, rounded to uint8 (factor 1: a, factor 0: b)."""
-    a = a.float()
-    return _to_u8(b + factor * (a - b))
+LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude m -> fraction m / 10 of each op's range
+# timm's hparams["img_mean"] as its create_transform sets it: round(255 * mean), ImageNet mean.
+IMG_MEAN_FILL = tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)
 
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601 luma of (..., 3) uint8 as float (..., 1)."""
-    w = torch.tensor([0.299, 0.587, 0.114])
-    return (x.float() * w).sum(-1, keepdim=True)
+def _u8(x: torch.Tensor) -> torch.Tensor:
+    """Float -> uint8 the way PIL's 8-bit ops store a float: clipped to [0, 255], then truncated."""
+    return x.clamp(0, 255).to(torch.uint8)
 
 
-# ----------------------------------------------------------------------------- pixel ops
+def _blend(degenerate: torch.Tensor, image: torch.Tensor, factor: float) -> torch.Tensor:
+    """PIL's ``Image.blend(degenerate, image, factor)`` (ImageEnhance's rule): float32
+    ``d + factor (x - d)``, clipped and truncated (factor 1: image, 0: degenerate)."""
+    d = degenerate.to(torch.float32)
+    alpha = torch.tensor(factor, dtype=torch.float32)
+    return _u8(d + alpha * (image.to(torch.float32) - d))
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """PIL's RGB -> L of uint8 (..., 3): ``(19595 R + 38470 G + 7471 B + 0x8000) >> 16``, as (..., 1) uint8."""
+    xi = x.to(torch.int32)
+    g = (xi[..., 0] * 19595 + xi[..., 1] * 38470 + xi[..., 2] * 7471 + 0x8000) >> 16
+    return g.to(torch.uint8).unsqueeze(-1)
+
+
+# ----------------------------------------------------------------------------- pixel ops (PIL per frame)
 def invert(x: torch.Tensor) -> torch.Tensor:
     return 255 - x
 
 
 def posterize(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Keep the ``bits`` most significant bits of every value."""
-    if not 0 <= bits <= 8:
-        raise ValueError(f"posterize: bits must be in [0, 8], got {bits}")
+    """Keep the ``bits`` most significant bits of every value (``ImageOps.posterize``; timm: 8+
+    unchanged; 0 or fewer, reached by ``-inc1`` above m 10: black, as the anchors' Pillow)."""
+    bits = int(bits)
+    if bits >= 8:
+        return x.clone()
+    if bits <= 0:
+        return torch.zeros_like(x)
     return x & ((0xFF << (8 - bits)) & 0xFF)
 
 
 def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Invert the values >= ``threshold``."""
-    return torch.where(x >= threshold, 255 - x, x)
+    """Invert the values >= ``threshold`` (``ImageOps.solarize``; 256: unchanged, 0: all inverted)."""
+    return torch.where(x.to(torch.int32) >= threshold, 255 - x, x)  # int32: 256 does not wrap to 0
 
 
-def solarize_add(x: torch.Tensor, add: float, threshold: float = 128) -> torch.Tensor:
-    """Add ``add`` to the values < ``threshold`` (clipped to 255)."""
-    return torch.where(x < threshold, _to_u8(x.float() + add), x)
+def solarize_add(x: torch.Tensor, add: int, threshold: int = 128) -> torch.Tensor:
+    """Add ``add`` to the values < ``threshold``, capped at 255 (timm's ``solarize_add`` table)."""
+    xi = x.to(torch.int32)
+    return torch.where(xi < threshold, (xi + int(add)).clamp(0, 255).to(torch.uint8), x)
 
 
 def autocontrast(x: torch.Tensor) -> torch.Tensor:
-    """Stretch each channel linearly so its clip-wide min -> 0 and max -> 255 (flat channels unchanged)."""
-    flat = x.reshape(-1, x.shape[-1])
-    lo, hi = flat.min(0).values.float(), flat.max(0).values.float()
-    span = hi - lo
-    scale = torch.where(span > 0, 255.0 / span.clamp(min=1), torch.ones_like(span))
-    lo = torch.where(span > 0, lo, torch.zeros_like(lo))
-    return _to_u8((x.float() - lo) * scale)
+    """``ImageOps.autocontrast`` per frame and channel: ``int(v * 255 / (hi - lo) - lo * 255 / (hi - lo))``
+    (truncated); a channel with one level is left as it is."""
+    lo = x.amin(dim=(1, 2), keepdim=True).to(torch.float64)
+    hi = x.amax(dim=(1, 2), keepdim=True).to(torch.float64)
+    span = hi > lo
+    # tensor / tensor (a scalar / tensor goes through a reciprocal and can miss PIL's double by an ulp)
+    scale = torch.where(span, torch.full_like(hi, 255.0) / torch.where(span, hi - lo, torch.ones_like(hi)),
+                        torch.ones_like(hi))
+    offset = torch.where(span, -lo * scale, torch.zeros_like(lo))
+    return _u8(torch.trunc(x.to(torch.float64) * scale + offset))
 
 
 def equalize(x: torch.Tensor) -> torch.Tensor:
-    """Histogram equalisation per channel over the clip (the classic PIL rule: step =
-    (count - count of the last used level) // 255, level i -> (cum below i + step // 2) // step)."""
-    out = torch.empty_like(x)
-    for c in range(x.shape[-1]):
-        ch = x[..., c].reshape(-1).long()
-        hist = torch.bincount(ch, minlength=256)
-        used = hist.nonzero().flatten()
-        step = (int(hist.sum()) - int(hist[used[-1]])) // 255
-        if step == 0:
-            out[..., c] = x[..., c]
-            continue
-        below = torch.cumsum(hist, 0) - hist
-        lut = ((below + step // 2) // step).clamp(max=255).to(torch.uint8)
-        out[..., c] = lut[x[..., c].long()]
-    return out
+    """``ImageOps.equalize`` per frame and channel: with ``step = (count - count of the last used
+    level) // 255``, level i -> ``(step // 2 + count below i) // step`` (capped at 255); a
+    channel with one used level, or with step 0, is left as it is."""
+    t, h, w, c = x.shape
+    rows = torch.arange(t * c).view(t, 1, 1, c) * 256
+    hist = torch.bincount((x.long() + rows).flatten(), minlength=256 * t * c).view(t * c, 256)
+    levels = torch.arange(256).expand(t * c, 256)
+    last = torch.where(hist > 0, levels, torch.full_like(levels, -1)).amax(1)
+    step = (hist.sum(1) - hist.gather(1, last.clamp(min=0)[:, None])[:, 0]) // 255
+    keep = ((hist > 0).sum(1) <= 1) | (step == 0)
+    below = torch.cumsum(hist, 1) - hist
+    lut = ((step[:, None] // 2 + below) // step.clamp(min=1)[:, None]).clamp(max=255)
+    lut = torch.where(keep[:, None], levels, lut).to(torch.uint8)  # (t * c, 256)
+    src = x.permute(0, 3, 1, 2).reshape(t * c, h * w).long()
+    return lut.gather(1, src).view(t, c, h, w).permute(0, 2, 3, 1).contiguous()
 
 
 def color(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Saturation: blend with the grayscale frames (factor 0: gray, 1: unchanged)."""
-    return _blend(x, _gray(x), factor)
+    """``ImageEnhance.Color``: blend with the frame's L (grayscale) copy (0: gray, 1: unchanged)."""
+    return _blend(_luma(x).expand_as(x), x, factor)
 
 
 def contrast(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Blend with the clip's mean gray level (factor 0: flat gray, 1: unchanged)."""
-    return _blend(x, _gray(x).mean(), factor)
+    """``ImageEnhance.Contrast``: blend with each frame's mean L level, ``int(mean + 0.5)``."""
+    t = x.shape[0]
+    g = _luma(x).reshape(t, -1)
+    mean = torch.floor(g.sum(1, dtype=torch.int64).to(torch.float64) / g.shape[1] + 0.5)
+    return _blend(mean.view(t, 1, 1, 1).expand_as(x), x, factor)
 
 
 def brightness(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Blend with black (factor 0: black, 1: unchanged)."""
-    return _blend(x, torch.zeros(()), factor)
+    """``ImageEnhance.Brightness``: blend with black (0: black, 1: unchanged)."""
+    return _blend(torch.zeros_like(x), x, factor)
 
 
 def sharpness(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Blend with a 3x3 smoothed copy (kernel 1 1 1 / 1 5 1 / 1 1 1, / 13); the border pixels
-    keep their values (factor 0: smoothed, 1: unchanged, > 1: sharpened)."""
+    """``ImageEnhance.Sharpness``: blend with PIL's SMOOTH copy (kernel 1 1 1 / 1 5 1 / 1 1 1,
+    / 13, rounded; border pixels keep their values) (0: smoothed, 1: unchanged, > 1: sharper)."""
     t, h, w, c = x.shape
     if h < 3 or w < 3:
         return x.clone()
     k = torch.ones(3, 3)
     k[1, 1] = 5
-    k = (k / 13).expand(c, 1, 3, 3)
-    xf = x.permute(0, 3, 1, 2).float()
+    xf = x.permute(0, 3, 1, 2).reshape(t * c, 1, h, w).to(torch.float32)
     smooth = xf.clone()
-    smooth[:, :, 1:-1, 1:-1] = F.conv2d(xf, k, groups=c)
-    return _blend(xf, smooth, factor).permute(0, 2, 3, 1).contiguous()
+    total = F.conv2d(xf, k.view(1, 1, 3, 3)).to(torch.float64)  # integer sums <= 3315: exact in float32
+    smooth[:, :, 1:-1, 1:-1] = torch.floor(total / 13 + 0.5).to(torch.float32)
+    smooth = smooth.view(t, c, h, w).permute(0, 2, 3, 1)
+    return _blend(smooth, x, factor)
 
 
-# ----------------------------------------------------------------------------- geometric ops
+# ----------------------------------------------------------------------------- geometric ops (PIL affine)
 def affine(x: torch.Tensor, matrix: Sequence[float], fill: Sequence[int]) -> torch.Tensor:
-    """Resample every frame with the inverse map ``(a, b, c, d, e, f)``: output pixel (x, y),
-    relative to the frame centre, reads the input at ``(a x + b y + c, d x + e y + f)`` (also
-    relative to the centre), bilinearly; pixels read from outside the frame blend towards
-    ``fill``. ``x``: uint8 (T, H, W, C)."""
-    t, h, w, c = x.shape
+    """``Image.transform(size, AFFINE, (a, b, c, d, e, f), BILINEAR, fillcolor=fill)`` on every
+    frame: output pixel (i, j) reads the input at ``(x, y) = (a u + b v + c, d u + e v + f)``,
+    ``(u, v) = (j + 0.5, i + 0.5)`` (PIL's corner-origin coordinates); points outside
+    ``[0, W) x [0, H)`` get ``fill``, the others are bilinear at ``(x - 0.5, y - 0.5)`` with the
+    edge pixels repeated, truncated to uint8. ``x``: uint8 (T, H, W, C)."""
+    h, w, c = x.shape[1:]
     a, b, cc, d, e, f = (float(v) for v in matrix)
-    cy, cx = (h - 1) / 2, (w - 1) / 2
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64) - cy, torch.arange(w, dtype=torch.float64) - cx,
-                            indexing="ij")
-    sx = a * xs + b * ys + cc + cx
-    sy = d * xs + e * ys + f + cy
-    # align_corners=True: -1 and +1 are the centres of the first and last pixels.
-    grid = torch.stack([2 * sx / max(w - 1, 1) - 1, 2 * sy / max(h - 1, 1) - 1], -1).float()
-    src = torch.cat([x.permute(0, 3, 1, 2).float(), torch.ones(t, 1, h, w)], 1)
-    out = F.grid_sample(src, grid[None].expand(t, h, w, 2), mode="bilinear", padding_mode="zeros",
-                        align_corners=True)
-    img, cover = out[:, :c], out[:, c:]
-    fill_t = torch.tensor([float(v) for v in fill]).view(1, c, 1, 1)
-    return _to_u8(img + (1 - cover) * fill_t).permute(0, 2, 3, 1).contiguous()
+    v, u = torch.meshgrid(torch.arange(h, dtype=torch.float64) + 0.5, torch.arange(w, dtype=torch.float64) + 0.5,
+                          indexing="ij")
+    xin = a * u + b * v + cc
+    yin = d * u + e * v + f
+    inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
+    xs, ys = xin - 0.5, yin - 0.5
+    x0, y0 = torch.floor(xs), torch.floor(ys)
+    dx, dy = (xs - x0)[None, :, :, None], (ys - y0)[None, :, :, None]
+    x0, y0 = x0.long(), y0.long()
+    xa, xb = x0.clamp(0, w - 1), (x0 + 1).clamp(0, w - 1)
+    ya, yb = y0.clamp(0, h - 1), (y0 + 1).clamp(0, h - 1)
+    def px(yy, xx):
+        return x[:, yy, xx].to(torch.float64)
+
+    p00 = px(ya, xa)
+    top = p00 + (px(ya, xb) - p00) * dx
+    p10 = px(yb, xa)
+    bottom = p10 + (px(yb, xb) - p10) * dx
+    out = _u8(torch.trunc(top + (bottom - top) * dy))
+    fill_t = torch.tensor([int(v) for v in fill], dtype=torch.uint8).view(1, 1, 1, c)
+    return torch.where(inside[None, :, :, None], out, fill_t)
 
 
 def rotate(x: torch.Tensor, degrees: float, fill: Sequence[int]) -> torch.Tensor:
-    """Rotate counter-clockwise (as seen on screen) by ``degrees`` about the frame centre."""
-    r = math.radians(degrees)
-    cs, sn = math.cos(r), math.sin(r)
-    return affine(x, (cs, -sn, 0.0, sn, cs, 0.0), fill)
+    """``Image.rotate(degrees, BILINEAR, fillcolor=fill)``: counter-clockwise (as seen on screen)
+    about the frame centre; PIL's exact quarter-turn shortcuts included."""
+    h, w = x.shape[1:3]
+    angle = float(degrees) % 360.0
+    if angle == 0:
+        return x.clone()
+    if angle == 180:
+        return x.flip(1).flip(2)
+    if angle in (90.0, 270.0) and h == w:
+        return torch.rot90(x, 1 if angle == 90 else -1, dims=(1, 2)).contiguous()
+    r = -math.radians(angle)
+    m = [round(math.cos(r), 15), round(math.sin(r), 15), 0.0, round(-math.sin(r), 15), round(math.cos(r), 15), 0.0]
+    cx, cy = w / 2.0, h / 2.0
+    m[2] = m[0] * -cx + m[1] * -cy + m[2] + cx
+    m[5] = m[3] * -cx + m[4] * -cy + m[5] + cy
+    return affine(x, m, fill)
 
 
-def shear_x(x: torch.Tensor, s: float, fill: Sequence[int]) -> torch.Tensor:
-    """Output (x, y) reads input (x + s y, y), about the frame centre."""
-    return affine(x, (1.0, s, 0.0, 0.0, 1.0, 0.0), fill)
+def shear_x(x: torch.Tensor, factor: float, fill: Sequence[int]) -> torch.Tensor:
+    """timm's ``shear_x``: output (u, v) reads input (u + factor v, v), about the top-left corner."""
+    return affine(x, (1.0, factor, 0.0, 0.0, 1.0, 0.0), fill)
 
 
-def shear_y(x: torch.Tensor, s: float, fill: Sequence[int]) -> torch.Tensor:
-    return affine(x, (1.0, 0.0, 0.0, s, 1.0, 0.0), fill)
+def shear_y(x: torch.Tensor, factor: float, fill: Sequence[int]) -> torch.Tensor:
+    """timm's ``shear_y``: output (u, v) reads input (u, v + factor u)."""
+    return affine(x, (1.0, 0.0, 0.0, factor, 1.0, 0.0), fill)
 
 
 def translate_x(x: torch.Tensor, pixels: float, fill: Sequence[int]) -> torch.Tensor:
-    """Move the content ``pixels`` to the right (negative: left)."""
-    return affine(x, (1.0, 0.0, -pixels, 0.0, 1.0, 0.0), fill)
+    """timm's ``translate_x_*``: output u reads input u + pixels, so the content moves ``pixels`` to the left."""
+    return affine(x, (1.0, 0.0, pixels, 0.0, 1.0, 0.0), fill)
 
 
 def translate_y(x: torch.Tensor, pixels: float, fill: Sequence[int]) -> torch.Tensor:
-    """Move the content ``pixels`` down (negative: up)."""
-    return affine(x, (1.0, 0.0, 0.0, 0.0, 1.0, -pixels), fill)
+    """timm's ``translate_y_*``: the content moves ``pixels`` up."""
+    return affine(x, (1.0, 0.0, 0.0, 0.0, 1.0, pixels), fill)
 
 
-# ----------------------------------------------------------------------------- RandAugment
-OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
-       "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY")
-_SIGNED = {"Rotate", "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY"}
+# ----------------------------------------------------------------------------- timm's tables (ported)
+# Each maps a level (magnitude) in [0, LEVEL_DENOM] (or up to mmax) and a sign (+1 / -1, the
+# draw of timm's _randomly_negate; ignored by the unsigned ops) to the op's argument, with
+# timm's arithmetic: (level / 10) * range, int() where timm truncates.
+def _rotate_level(level: float, sign: int, translate_pct: float) -> float:
+    return sign * ((level / LEVEL_DENOM) * 30.0)  # [-30, 30] degrees
+
+
+def _enhance_level(level: float, sign: int, translate_pct: float) -> float:
+    return (level / LEVEL_DENOM) * 1.8 + 0.1  # [0.1, 1.9], no sign: m 5 -> 1.0 (no change)
+
+
+def _enhance_increasing_level(level: float, sign: int, translate_pct: float) -> float:
+    return max(0.1, 1.0 + sign * ((level / LEVEL_DENOM) * 0.9))  # 1 +- [0, 0.9], >= 0.1
+
+
+def _shear_level(level: float, sign: int, translate_pct: float) -> float:
+    return sign * ((level / LEVEL_DENOM) * 0.3)  # [-0.3, 0.3]
+
+
+def _translate_rel_level(level: float, sign: int, translate_pct: float) -> float:
+    return sign * ((level / LEVEL_DENOM) * translate_pct)  # fraction of the side, [-0.45, 0.45]
+
+
+def _posterize_level(level: float, sign: int, translate_pct: float) -> int:
+    return int((level / LEVEL_DENOM) * 4)  # bits kept, 0..4: severity decreases with level
+
+
+def _posterize_increasing_level(level: float, sign: int, translate_pct: float) -> int:
+    return 4 - _posterize_level(level, sign, translate_pct)  # 4..0: severity increases
+
+
+def _posterize_original_level(level: float, sign: int, translate_pct: float) -> int:
+    return int((level / LEVEL_DENOM) * 4) + 4  # 4..8 (AutoAugment paper)
+
+
+def _solarize_level(level: float, sign: int, translate_pct: float) -> int:
+    return min(256, int((level / LEVEL_DENOM) * 256))  # threshold 0..256: severity decreases
+
+
+def _solarize_increasing_level(level: float, sign: int, translate_pct: float) -> int:
+    return 256 - _solarize_level(level, sign, translate_pct)  # 256..0: severity increases
+
+
+def _solarize_add_level(level: float, sign: int, translate_pct: float) -> int:
+    return min(128, int((level / LEVEL_DENOM) * 110))  # added 0..110
+
+
+LEVEL_TO_ARG: dict[str, Callable[[float, int, float], float] | None] = {
+    "AutoContrast": None, "Equalize": None, "Invert": None,
+    "Rotate": _rotate_level,
+    "Posterize": _posterize_level, "PosterizeIncreasing": _posterize_increasing_level,
+    "PosterizeOriginal": _posterize_original_level,
+    "Solarize": _solarize_level, "SolarizeIncreasing": _solarize_increasing_level, "SolarizeAdd": _solarize_add_level,
+    "Color": _enhance_level, "ColorIncreasing": _enhance_increasing_level,
+    "Contrast": _enhance_level, "ContrastIncreasing": _enhance_increasing_level,
+    "Brightness": _enhance_level, "BrightnessIncreasing": _enhance_increasing_level,
+    "Sharpness": _enhance_level, "SharpnessIncreasing": _enhance_increasing_level,
+    "ShearX": _shear_level, "ShearY": _shear_level,
+    "TranslateXRel": _translate_rel_level, "TranslateYRel": _translate_rel_level,
+}
+OPS = tuple(LEVEL_TO_ARG)
+# The ops whose argument takes a random sign in timm (_randomly_negate).
+_SIGNED = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "ColorIncreasing", "ContrastIncreasing",
+           "BrightnessIncreasing", "SharpnessIncreasing"}
+
+# timm's _RAND_TRANSFORMS and _RAND_INCREASING_TRANSFORMS ('-inc1').
+RAND_TRANSFORMS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
+                   "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+RAND_INCREASING_TRANSFORMS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
+                              "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
+                              "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
+                              "TranslateYRel")
+# '-w0' (the timm version the video anchors vendor: _RAND_CHOICE_WEIGHTS_0, by position in the op list).
+RAND_CHOICE_WEIGHTS_W0 = (0.025, 0.005, 0.0, 0.3, 0.0, 0.005, 0.005, 0.025, 0.005, 0.005, 0.025, 0.2, 0.2, 0.1, 0.1)
+# '-tweights' (current timm's _RAND_WEIGHTED_0: its own op set, increasing variants).
+RAND_WEIGHTED_0 = {"Rotate": 3, "ShearX": 2, "ShearY": 2, "TranslateXRel": 1, "TranslateYRel": 1,
+                   "ColorIncreasing": .25, "SharpnessIncreasing": 0.25, "AutoContrast": 0.25, "SolarizeIncreasing": .05,
+                   "SolarizeAdd": .05, "ContrastIncreasing": .05, "BrightnessIncreasing": .05, "Equalize": .05,
+                   "PosterizeIncreasing": 0.05, "Invert": 0.05}
+
+
+def level_to_arg(name: str, level: float, sign: int = 1, translate_pct: float = 0.45):
+    """timm's ``LEVEL_TO_ARG[name](level)`` with the sign drawn beforehand; None for the ops without argument."""
+    if name not in LEVEL_TO_ARG:
+        raise ValueError(f"unknown RandAugment op {name!r} (known: {', '.join(OPS)})")
+    fn = LEVEL_TO_ARG[name]
+    return None if fn is None else fn(float(level), 1 if sign >= 0 else -1, translate_pct)
 
 
 @dataclass(frozen=True)
 class OpDraw:
-    """One drawn operation of a clip's plan: name, magnitude in [0, 10], sign (+1 / -1)."""
+    """One drawn operation of a clip's plan: timm op name, magnitude (level), sign (+1 / -1)."""
 
     name: str
     magnitude: float
     sign: int = 1
 
 
-def apply_op(x: torch.Tensor, op: OpDraw, fill: Sequence[int]) -> torch.Tensor:
-    """Apply one drawn op to uint8 (T, H, W, C) frames.
+_ENHANCE = {"Color": color, "Contrast": contrast, "Brightness": brightness, "Sharpness": sharpness}
 
-    Magnitude m (0..10) -> argument, severity increasing with m: Rotate 30 m/10 degrees;
-    ShearX/Y 0.3 m/10; TranslateX/Y 0.45 m/10 of the side; Posterize keeps 8 - round(4 m/10)
-    bits; Solarize inverts pixels >= 256 (1 - m/10); SolarizeAdd adds 110 m/10 to pixels <
-    128; Color/Contrast/Brightness/Sharpness blend factor 1 +- 0.9 m/10. AutoContrast,
-    Equalize and Invert ignore m. The signed ops take ``op.sign``.
-    """
-    m = op.magnitude / MAX_MAGNITUDE
-    s = op.sign
+
+def apply_op(x: torch.Tensor, op: OpDraw, fill: Sequence[int], translate_pct: float = 0.45) -> torch.Tensor:
+    """Apply one drawn op to uint8 (T, H, W, C) frames: the argument is ``level_to_arg(op.name,
+    op.magnitude, op.sign)`` (timm's table), the op is timm's PIL call on every frame."""
+    arg = level_to_arg(op.name, op.magnitude, op.sign, translate_pct)
     n = op.name
     if n == "AutoContrast":
         return autocontrast(x)
@@ -200,70 +333,156 @@ def apply_op(x: torch.Tensor, op: OpDraw, fill: Sequence[int]) -> torch.Tensor:
     if n == "Invert":
         return invert(x)
     if n == "Rotate":
-        return rotate(x, s * 30.0 * m, fill)
-    if n == "Posterize":
-        return posterize(x, 8 - int(round(4 * m)))
-    if n == "Solarize":
-        return solarize(x, 256.0 * (1 - m))
+        return rotate(x, arg, fill)
+    if n.startswith("Posterize"):
+        return posterize(x, arg)
+    if n in ("Solarize", "SolarizeIncreasing"):
+        return solarize(x, arg)
     if n == "SolarizeAdd":
-        return solarize_add(x, 110.0 * m)
-    if n in ("Color", "Contrast", "Brightness", "Sharpness"):
-        fn = {"Color": color, "Contrast": contrast, "Brightness": brightness, "Sharpness": sharpness}[n]
-        return fn(x, 1.0 + s * 0.9 * m)
+        return solarize_add(x, arg)
+    base = n.removesuffix("Increasing")
+    if base in _ENHANCE:
+        return _ENHANCE[base](x, arg)
     if n == "ShearX":
-        return shear_x(x, s * 0.3 * m, fill)
+        return shear_x(x, arg, fill)
     if n == "ShearY":
-        return shear_y(x, s * 0.3 * m, fill)
-    if n == "TranslateX":
-        return translate_x(x, s * 0.45 * m * x.shape[2], fill)
-    if n == "TranslateY":
-        return translate_y(x, s * 0.45 * m * x.shape[1], fill)
-    raise ValueError(f"unknown RandAugment op {n!r} (known: {', '.join(OPS)})")
+        return shear_y(x, arg, fill)
+    if n == "TranslateXRel":
+        return translate_x(x, arg * x.shape[2], fill)
+    return translate_y(x, arg * x.shape[1], fill)  # TranslateYRel
 
 
+# ----------------------------------------------------------------------------- config strings
+_KEYS = {"m": "magnitude", "n": "num_ops", "p": "prob", "mstd": "magnitude_std", "mmax": "magnitude_max",
+         "inc": "increasing", "w": "weights"}
+
+
+def parse_rand_augment(config: str) -> dict:
+    """timm's RandAugment string -> :class:`RandAugment` keyword arguments.
+
+    ``rand`` then dash-separated sections in any order: ``m<int>`` magnitude (default 10),
+    ``n<int>`` ops per clip (2), ``p<float>`` chance of each op (0.5), ``mstd<float>``
+    magnitude std (0; > 100: uniform in [0, m]), ``mmax<int>`` upper clip of the magnitude
+    (10), ``inc<int>`` 1: the increasing op set, ``w0`` the op weights of the timm the video
+    anchors vendor (choice without replacement), ``tweights`` current timm's weighted op set.
+    E.g. ``rand-m9-n2-mstd0.5``, ``rand-m7-n4-mstd0.5-inc1``. Anything else is a ValueError.
+    (timm reads ``inc0`` as increasing, ``bool("0")``; here ``inc0`` is the standard set.)
+    """
+    parts = str(config).strip().split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"RandAugment config {config!r}: must start with 'rand' (e.g. 'rand-m9-n2-mstd0.5')")
+    out: dict = {"magnitude": LEVEL_DENOM, "num_ops": 2, "prob": 0.5, "magnitude_std": 0.0, "magnitude_max": None}
+    increasing, weights, tset = False, None, None
+    for part in parts[1:]:
+        m = re.fullmatch(r"([a-z]+)(\d[\d.]*)", part)
+        if part == "tweights":
+            tset = "weights"
+            continue
+        if m is None or m.group(1) not in _KEYS:
+            raise ValueError(f"RandAugment config {config!r}: unknown section {part!r} (known: m<int>, n<int>, "
+                             "p<float>, mstd<float>, mmax<int>, inc<0|1>, w0, tweights)")
+        key, val = m.groups()
+        try:
+            if key in ("p", "mstd"):
+                num: float = float(val)
+            else:
+                num = int(val)
+        except ValueError:
+            raise ValueError(f"RandAugment config {config!r}: section {part!r}: {val!r} is not "
+                             f"{'a number' if key in ('p', 'mstd') else 'an integer'}") from None
+        if key == "mstd":
+            out["magnitude_std"] = float("inf") if num > 100 else num
+        elif key == "inc":
+            increasing = num != 0
+        elif key == "w":
+            if num != 0:
+                raise ValueError(f"RandAugment config {config!r}: only the weight set w0 exists, got {part!r}")
+            weights = RAND_CHOICE_WEIGHTS_W0
+        else:
+            out[_KEYS[key]] = num
+    if tset == "weights":
+        out["ops"], out["choice_weights"] = tuple(RAND_WEIGHTED_0), tuple(RAND_WEIGHTED_0.values())
+    else:
+        out["ops"] = RAND_INCREASING_TRANSFORMS if increasing else RAND_TRANSFORMS
+        out["choice_weights"] = weights
+    return out
+
+
+# ----------------------------------------------------------------------------- RandAugment
 class RandAugment:
-    """``RandAugment(num_ops, magnitude, magnitude_std, prob, fill)(frames, rng)``.
+    """``RandAugment(num_ops, magnitude, magnitude_std, prob, fill)(frames, rng)``, timm's
+    RandAugment on clips; ``RandAugment.from_string("rand-m9-n2-mstd0.5")`` builds it from a
+    timm string (:func:`parse_rand_augment`).
 
-    Per clip, :meth:`draw` picks ``num_ops`` operations uniformly from ``ops`` (with
-    replacement); each is applied with probability ``prob``, at magnitude
-    ``clip(N(magnitude, magnitude_std), 0, 10)`` (see :func:`apply_op`) and, for the signed
-    ops, a random sign; the same plan acts on every frame. Geometric ops sample bilinearly
-    around the frame centre and fill uncovered pixels with ``fill`` (default: the ImageNet
-    mean, which normalises to 0).
+    Per clip, :meth:`draw` picks ``num_ops`` ops from ``ops`` (uniformly with replacement, or
+    by ``choice_weights`` without replacement, as timm); each is applied with probability
+    ``prob``, at magnitude ``N(magnitude, magnitude_std)`` (``inf``: uniform in [0, magnitude])
+    clipped to ``[0, magnitude_max or 10]``, and a random sign for the signed ops; the argument
+    follows timm's table (:data:`LEVEL_TO_ARG`). The same plan acts on every frame. Geometric
+    ops fill uncovered pixels with ``fill`` (default: timm's ``img_mean``, round(255 x the
+    ImageNet mean)). Default ``ops``: timm's ``_RAND_TRANSFORMS`` (what ``rand-m9-n2-mstd0.5`` uses).
 
     ``frames``: uint8 (T, H, W, C), a torch tensor or a numpy array (the result has the same
     type). ``rng``: a ``numpy.random.Generator``, one per sample, so a run is reproducible.
     """
 
     def __init__(self, num_ops: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5, prob: float = 0.5,
-                 fill: Sequence[int] = tuple(int(round(255 * m)) for m in IMAGENET_MEAN), ops: Sequence[str] = OPS):
+                 fill: Sequence[int] = IMG_MEAN_FILL, ops: Sequence[str] = RAND_TRANSFORMS,
+                 magnitude_max: float | None = None, choice_weights: Sequence[float] | None = None,
+                 translate_pct: float = 0.45):
         if num_ops < 0:
             raise ValueError(f"RandAugment: num_ops must be >= 0, got {num_ops}")
-        if not 0 <= magnitude <= MAX_MAGNITUDE:
-            raise ValueError(f"RandAugment: magnitude must be in [0, {MAX_MAGNITUDE:g}], got {magnitude}")
+        upper = float(magnitude_max) if magnitude_max else LEVEL_DENOM
+        if magnitude < 0:
+            raise ValueError(f"RandAugment: magnitude must be >= 0, got {magnitude}")
         if magnitude_std < 0:
             raise ValueError(f"RandAugment: magnitude_std must be >= 0, got {magnitude_std}")
         if not 0 <= prob <= 1:
             raise ValueError(f"RandAugment: prob must be in [0, 1], got {prob}")
-        unknown = [o for o in ops if o not in OPS]
+        unknown = [o for o in ops if o not in LEVEL_TO_ARG]
         if unknown or not ops:
             raise ValueError(f"RandAugment: unknown ops {unknown} (known: {', '.join(OPS)})")
+        if choice_weights is not None:
+            w = np.asarray(choice_weights, dtype=np.float64)
+            if w.shape != (len(ops),) or (w < 0).any() or w.sum() <= 0:
+                raise ValueError(f"RandAugment: choice_weights must be {len(ops)} values >= 0, got {choice_weights}")
+            if num_ops > int((w > 0).sum()):
+                raise ValueError(f"RandAugment: {num_ops} ops without replacement, but only {int((w > 0).sum())} "
+                                 "ops have a weight > 0")
+            choice_weights = tuple(float(v) for v in w / w.sum())
         self.num_ops, self.magnitude, self.magnitude_std, self.prob = int(num_ops), float(magnitude), \
             float(magnitude_std), float(prob)
-        self.fill, self.ops = tuple(int(v) for v in fill), tuple(ops)
+        self.magnitude_max, self.upper = magnitude_max, upper
+        self.fill, self.ops, self.choice_weights = tuple(int(v) for v in fill), tuple(ops), choice_weights
+        self.translate_pct = float(translate_pct)
+
+    @classmethod
+    def from_string(cls, config: str, fill: Sequence[int] = IMG_MEAN_FILL) -> RandAugment:
+        """Build from a timm string such as ``rand-m9-n2-mstd0.5`` or ``rand-m7-n4-mstd0.5-inc1``."""
+        return cls(fill=fill, **parse_rand_augment(config))
+
+    def __repr__(self) -> str:
+        return (f"RandAugment(n={self.num_ops}, m={self.magnitude:g}, mstd={self.magnitude_std:g}, p={self.prob:g}, "
+                f"mmax={self.upper:g}, ops={list(self.ops)}, weights={self.choice_weights})")
 
     def draw(self, rng: np.random.Generator) -> list[OpDraw]:
         """The plan of one clip: the ops that will be applied, in order (skipped ones left out).
 
-        Per op slot, in this order: op index, apply draw, magnitude noise, sign."""
+        The op indices first (one ``rng.choice``), then per op: apply draw, magnitude, sign."""
+        idx = rng.choice(len(self.ops), self.num_ops, replace=self.choice_weights is None,
+                         p=None if self.choice_weights is None else np.asarray(self.choice_weights))
         plan = []
-        for _ in range(self.num_ops):
-            name = self.ops[int(rng.integers(len(self.ops)))]
-            apply = rng.random() < self.prob
-            m = self.magnitude + (rng.normal(0.0, self.magnitude_std) if self.magnitude_std > 0 else 0.0)
-            sign = 1 if rng.random() < 0.5 else -1
+        for i in np.atleast_1d(idx):
+            name = self.ops[int(i)]
+            apply = self.prob >= 1.0 or rng.random() <= self.prob
+            m = self.magnitude
+            if self.magnitude_std == float("inf"):
+                m = rng.uniform(0.0, self.magnitude)
+            elif self.magnitude_std > 0:
+                m = rng.normal(self.magnitude, self.magnitude_std)
+            sign = -1 if rng.random() > 0.5 else 1
             if apply:
-                plan.append(OpDraw(name, float(min(max(m, 0.0), MAX_MAGNITUDE)), sign if name in _SIGNED else 1))
+                plan.append(OpDraw(name, float(max(0.0, min(m, self.upper))), sign if name in _SIGNED else 1))
         return plan
 
     def apply(self, frames, plan: Sequence[OpDraw]):
@@ -274,7 +493,7 @@ class RandAugment:
         if len(self.fill) != x.shape[-1]:
             raise ValueError(f"RandAugment: fill has {len(self.fill)} values for {x.shape[-1]} channels")
         for op in plan:
-            x = apply_op(x, op, self.fill)
+            x = apply_op(x, op, self.fill, self.translate_pct)
         return x.numpy() if is_np else x
 
     def __call__(self, frames, rng: np.random.Generator):
@@ -307,7 +526,7 @@ class RandAugClips(Dataset):
         """Normalised float (C, T, H, W) -> uint8 (T, H, W, C)."""
         m = torch.tensor(self.mean).view(-1, 1, 1, 1)
         s = torch.tensor(self.std).view(-1, 1, 1, 1)
-        return _to_u8((video.float() * s + m) * 255.0).permute(1, 2, 3, 0).contiguous()
+        return (video.float() * s + m).mul(255.0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
 
     def __getitem__(self, key):
         index, seed = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
