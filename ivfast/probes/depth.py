@@ -1,8 +1,16 @@
-"""Video depth probe: learned per-patch queries cross-attend the frozen tokens and predict one
-log-depth per patch; long videos are cut into sliding windows whose predictions are averaged
-per frame. Metrics: AbsRel and delta1 (:func:`depth_error_sums`)."""
+"""Video depth probe with the two heads of the InternVideo-Next paper (supplement B.3):
+
+- ``depth.head: simple`` (:class:`DepthHead`, Figure 1(b)): learned per-patch queries
+  cross-attend the frozen tokens of one block and predict one log-depth per patch.
+- ``depth.head: temporal`` (:class:`TemporalDepthHead`, Figure 1(c)): a DPT-style spatial
+  head on four blocks' tokens with four temporal-attention modules in its fusion stages,
+  after Video Depth Anything (Chen et al., CVPR 2025).
+
+Long videos are cut into sliding windows whose predictions are averaged per frame.
+Metrics: AbsRel and delta1 (:func:`depth_error_sums`)."""
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -180,6 +188,198 @@ class DepthHead(nn.Module):
         return logd.exp()
 
 
+class _ResidualConv(nn.Module):
+    """ReLU-conv3x3-ReLU-conv3x3 with a skip connection (RefineNet's residual conv unit)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class _Fusion(nn.Module):
+    """DPT fusion stage: refine the coarser path, add the refined skip feature, refine again,
+    upsample (bilinear) to ``size`` (default 2x), mix with a 1x1 conv."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.skip_unit, self.unit, self.out = _ResidualConv(c), _ResidualConv(c), nn.Conv2d(c, c, 1)
+
+    def forward(self, x, skip=None, size=None):
+        if skip is not None:
+            x = x + self.skip_unit(skip)
+        x = self.unit(x)
+        if size is None:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+        return self.out(x)
+
+
+def sinusoid_table(n: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(n, dim) sine-cosine position table (sines in the even channels, cosines in the odd)."""
+    pos = torch.arange(n, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    t = torch.zeros(n, dim, device=device)
+    t[:, 0::2] = torch.sin(pos * freq)
+    t[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return t.to(dtype)
+
+
+class TemporalModule(nn.Module):
+    """Self-attention along time at every spatial location of a (B, C, T, H, W) map.
+
+    GroupNorm, a linear map in, ``attn_blocks`` pre-LayerNorm attention sub-layers (the
+    sine-cosine table of the frame index added to their input) and an MLP, a linear map out,
+    added to the input. The output map starts at zero (``zero_init``), so a freshly built
+    module is the identity and the head it sits in starts as its spatial head per frame.
+    """
+
+    def __init__(self, c: int, heads: int = 8, attn_blocks: int = 2, mlp_ratio: int = 4, zero_init: bool = True):
+        super().__init__()
+        self.heads = math.gcd(heads, c)
+        self.norm = nn.GroupNorm(math.gcd(32, c), c, eps=1e-6)
+        self.proj_in = nn.Linear(c, c)
+        self.attn_norms = nn.ModuleList(nn.LayerNorm(c) for _ in range(attn_blocks))
+        self.qkv = nn.ModuleList(nn.Linear(c, 3 * c) for _ in range(attn_blocks))
+        self.attn_out = nn.ModuleList(nn.Linear(c, c) for _ in range(attn_blocks))
+        self.mlp = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, mlp_ratio * c), nn.GELU(), nn.Linear(mlp_ratio * c, c))
+        self.proj_out = nn.Linear(c, c)
+        if zero_init:
+            nn.init.zeros_(self.proj_out.weight)
+            nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        y = self.norm(x.transpose(1, 2).reshape(b * t, c, h, w))  # GroupNorm per frame
+        y = y.reshape(b, t, c, h * w).permute(0, 3, 1, 2).reshape(b * h * w, t, c)  # one sequence per location
+        y = self.proj_in(y)
+        pe = sinusoid_table(t, c, y.device, y.dtype)
+        nh = self.heads
+        for norm, qkv, out in zip(self.attn_norms, self.qkv, self.attn_out):
+            q, k, v = qkv(norm(y) + pe).reshape(b * h * w, t, 3, nh, c // nh).permute(2, 0, 3, 1, 4)
+            o = F.scaled_dot_product_attention(q, k, v)
+            y = y + out(o.transpose(1, 2).reshape(b * h * w, t, c))
+        y = self.proj_out(y + self.mlp(y))
+        return x + y.reshape(b, h * w, t, c).permute(0, 3, 2, 1).reshape(b, c, t, h, w)
+
+
+class TemporalDepthHead(nn.Module):
+    """The paper's temporally aware depth head (InternVideo-Next, supplement B.3, Figure 1(c)),
+    after Video Depth Anything (S. Chen, H. Guo, S. Zhu, F. Zhang, Z. Huang, J. Feng, B. Kang:
+    "Video Depth Anything: Consistent Depth Estimation for Super-Long Videos", CVPR 2025):
+    a DPT-style spatial head with four :class:`TemporalModule` stacked in it.
+
+    Input: the tokens of four backbone blocks concatenated along channels, (B, t*h*w, 4*dim)
+    (:class:`MultiLayerBackbone`). Per time slot of the token grid (the spatial head is a 2D
+    network run on every frame):
+
+    - reassemble: block i's tokens as a (dim, h, w) map, a 1x1 conv to ``channels[i]``, then
+      resized to 4x, 2x, 1x and 1/2x of the patch grid (transposed convs 4/4, 2/2; identity;
+      conv 3x3 stride 2);
+    - **temporal modules 1, 2** on the two coarsest reassembled maps (stages 3 and 4);
+    - 3x3 convs to ``features`` channels, then four fusion stages from coarse to fine, with
+      **temporal modules 3, 4** after the first two fusion stages;
+    - output: conv 3x3 (features/2), bilinear to the input resolution (grid x patch size), conv
+      3x3 (32), ReLU, conv 1x1 to ``tubelet`` log-depths (one per frame of the time slot).
+
+    The temporal modules attend along the t time slots of the window, per spatial location.
+    Their output maps start at zero, so at initialisation the head is its spatial head
+    (``temporal=False``) applied frame by frame. Returns depth = exp(log-depth), bilinearly
+    resized to ``out_hw``.
+    """
+
+    def __init__(self, dim: int, grid: tuple[int, int, int], patch: int, tubelet: int = 1,
+                 channels: tuple[int, ...] | list[int] = (), features: int = 128, temporal_heads: int = 8,
+                 temporal: bool = True):
+        super().__init__()
+        self.grid, self.patch, self.tubelet, self.dim = tuple(grid), patch, tubelet, dim
+        ch = list(channels) or [max(1, dim // 8), max(1, dim // 4), max(1, dim // 2), dim]
+        if len(ch) != 4:
+            raise ValueError(f"the DPT head needs 4 stage widths, got {ch}")
+        self.project = nn.ModuleList(nn.Conv2d(dim, c, 1) for c in ch)
+        self.resize = nn.ModuleList([nn.ConvTranspose2d(ch[0], ch[0], 4, stride=4),
+                                     nn.ConvTranspose2d(ch[1], ch[1], 2, stride=2),
+                                     nn.Identity(),
+                                     nn.Conv2d(ch[3], ch[3], 3, stride=2, padding=1)])
+        self.to_features = nn.ModuleList(nn.Conv2d(c, features, 3, padding=1, bias=False) for c in ch)
+        self.fuse = nn.ModuleList(_Fusion(features) for _ in range(4))  # fine (0) to coarse (3)
+        self.temporal = nn.ModuleList([TemporalModule(ch[2], temporal_heads), TemporalModule(ch[3], temporal_heads),
+                                       TemporalModule(features, temporal_heads),
+                                       TemporalModule(features, temporal_heads)]) if temporal else None
+        self.out1 = nn.Conv2d(features, features // 2, 3, padding=1)
+        self.out2 = nn.Sequential(nn.Conv2d(features // 2, 32, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(32, tubelet, 1))
+        nn.init.constant_(self.out2[-1].bias, 1.0)  # exp(1) ~ 2.7 m at start, as the simple head
+
+    def _time(self, module: nn.Module | None, x: torch.Tensor, b: int) -> torch.Tensor:
+        """Apply a temporal module to per-frame maps (B*t, C, h, w)."""
+        if module is None:
+            return x
+        bt, c, h, w = x.shape
+        y = module(x.reshape(b, bt // b, c, h, w).transpose(1, 2))
+        return y.transpose(1, 2).reshape(bt, c, h, w)
+
+    def forward(self, tokens: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+        """tokens (B, t*h*w, 4*dim) -> depth (B, t*tubelet, H, W), positive."""
+        b, n, c4 = tokens.shape
+        t, h, w = self.grid
+        if n != t * h * w or c4 != 4 * self.dim:
+            raise ValueError(f"tokens {tuple(tokens.shape)} for a head built for grid {self.grid} and "
+                             f"4 blocks of width {self.dim}")
+        maps = tokens.reshape(b * t, h, w, 4, self.dim).permute(3, 0, 4, 1, 2)  # (4, B*t, dim, h, w)
+        x = [rs(pj(m)) for m, pj, rs in zip(maps, self.project, self.resize)]
+        tm = self.temporal if self.temporal is not None else [None] * 4
+        x[2], x[3] = self._time(tm[0], x[2], b), self._time(tm[1], x[3], b)
+        f = [conv(xi) for conv, xi in zip(self.to_features, x)]
+        p = self._time(tm[2], self.fuse[3](f[3], size=f[2].shape[-2:]), b)
+        p = self._time(tm[3], self.fuse[2](p, f[2], size=f[1].shape[-2:]), b)
+        p = self.fuse[1](p, f[1], size=f[0].shape[-2:])
+        p = self.fuse[0](p, f[0])
+        p = F.interpolate(self.out1(p), size=(h * self.patch, w * self.patch), mode="bilinear", align_corners=True)
+        logd = self.out2(p)  # (B*t, tubelet, H0, W0)
+        if tuple(logd.shape[-2:]) != tuple(out_hw):
+            logd = F.interpolate(logd, size=tuple(out_hw), mode="bilinear", align_corners=False)
+        return logd.reshape(b, t * self.tubelet, *logd.shape[-2:]).exp()
+
+
+def default_layers(depth: int) -> list[int]:
+    """Four evenly spaced blocks ending at the last: (i + 1) * depth // 4 - 1 (ViT-B: 2, 5, 8, 11)."""
+    return [max(0, (i + 1) * depth // 4 - 1) for i in range(4)]
+
+
+class MultiLayerBackbone(FrozenBackbone):
+    """A :class:`FrozenBackbone` whose tokens are those of several blocks concatenated along
+    channels: (B, N, len(layers) * dim), in the order of ``layers`` (repeats allowed)."""
+
+    def __init__(self, encoder, layers: list[int]):
+        depth = encoder.depth
+        idx = [i + depth if i < 0 else i for i in layers]
+        if not idx or any(not 0 <= i < depth for i in idx):
+            raise ValueError(f"depth.layers {list(layers)} out of range for an encoder of depth {depth}")
+        super().__init__(encoder, idx[-1])
+        self.layers = idx
+        self._got: dict[int, torch.Tensor] = {}
+        for i in sorted(set(idx)):
+            encoder.blocks[i].register_forward_hook(self._keep(i))
+
+    def _keep(self, i: int):
+        def hook(module, args, output):
+            self._got[i] = output
+        return hook
+
+    @torch.no_grad()
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        self._got = {}
+        last = super().forward(video)
+        n = last.shape[1]
+        out = torch.cat([self._got[i][:, -n:].float() for i in self.layers], dim=-1)
+        self._got = {}
+        return out
+
+
 def log_l1_loss(pred: torch.Tensor, gt: torch.Tensor, min_depth: float, max_depth: float) -> torch.Tensor:
     """Mean |log D_hat - log D| over the valid pixels (0, still differentiable, when there are none)."""
     valid = torch.isfinite(gt) & (gt >= min_depth) & (gt <= max_depth)
@@ -204,13 +404,23 @@ def run(cfg: ProbeConfig) -> dict:
     d = cfg.depth
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    backbone = FrozenBackbone(load_encoder(cfg.backbone), cfg.backbone.layer).to(device)
-    grid = backbone.grid(d.window, d.img_size, d.img_size)
-    head = DepthHead(backbone.width, d.width, d.heads, grid, backbone.tubelet).to(device)
+    encoder = load_encoder(cfg.backbone)
+    if d.head == "temporal":
+        layers = list(d.layers) or default_layers(encoder.depth)
+        backbone = MultiLayerBackbone(encoder, layers).to(device)
+        grid = backbone.grid(d.window, d.img_size, d.img_size)
+        head = TemporalDepthHead(backbone.width, grid, backbone.patch_size, backbone.tubelet, d.dpt_channels,
+                                 d.dpt_features, d.temporal_heads).to(device)
+        split = "depth_temporal_L" + "-".join(str(i) for i in backbone.layers)  # cached tokens differ per head
+    else:
+        backbone = FrozenBackbone(encoder, cfg.backbone.layer).to(device)
+        grid = backbone.grid(d.window, d.img_size, d.img_size)
+        head = DepthHead(backbone.width, d.width, d.heads, grid, backbone.tubelet).to(device)
+        split = "depth"
     train_videos, val_videos = load_videos(cfg, "train"), load_videos(cfg, "val")
     samples = [(v, s) for v, (fr, _) in enumerate(train_videos) for s in window_starts(len(fr), d.window, d.stride)]
-    tcache = FeatureCache(cfg.feature_cache, "depth_train") if cfg.feature_cache else None
-    vcache = FeatureCache(cfg.feature_cache, "depth_val") if cfg.feature_cache else None
+    tcache = FeatureCache(cfg.feature_cache, split + "_train") if cfg.feature_cache else None
+    vcache = FeatureCache(cfg.feature_cache, split + "_val") if cfg.feature_cache else None
 
     def clip(videos, v, s):
         fr, dm = videos[v]
