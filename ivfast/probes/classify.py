@@ -3,20 +3,54 @@ trained with label smoothing, optional cutmix, flip, RandAugment (:mod:`ivfast.p
 and repeated augmentation (:class:`ivfast.probes.loop.KeyBatches`). Metrics: top-1 and top-5
 accuracy (%). :func:`layer_decay_groups` is for fine-tuning the backbone: the frozen probe
 has no backbone parameters, so ``classify.layer_decay`` must stay 1.0.
+
+Evaluation as the papers report it:
+
+* Multi-view testing (:class:`MultiViewClips`): each validation video gives
+  ``classify.test_clips`` x ``classify.test_crops`` views; each view is classified and the
+  views' softmax probabilities are averaged (``classify.test_average: softmax``, as the
+  ``merge`` of VideoMAE-style fine-tuning code does: a view's scores are a probability
+  distribution, so one over-confident view cannot outvote the others by its logit scale;
+  ``logits`` averages the logits instead). Clip k of K of a list video takes, in each of the
+  ``num_frames`` TSN segments, the middle of the segment's k-th of K equal parts (K = 1: the
+  segment middles, the single-view clip); the crops are ``test_crops`` squares of
+  ``img_size`` spread evenly along the long side of the frame resized to short side
+  ``img_size`` (one crop: the centre, the single-view crop).
+* Several heads (:class:`ClassifyHeads`), one per (lr, weight decay) of the grid
+  ``classify.sweep.lr`` x ``classify.sweep.weight_decay``, trained in one pass: the backbone
+  runs once per batch, every head sees the same batch, each has its own AdamW groups. The
+  reported head is the one with the best validation top-1 (ties: top-5, then the first),
+  chosen on the set it is reported on (as a sweep over heads is usually reported: optimistic).
 """
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
-from ivfast.data.collate import collate_skip_bad
+from ivfast.data.collate import collate_skip_bad, sample_key
 from ivfast.ops.attention import attention
 from ivfast.probes.config import ProbeConfig
-from ivfast.probes.features import FeatureCache, FrozenBackbone, load_encoder, tokens_for
-from ivfast.probes.loop import KeyBatches, make_loader, pick_device, run_training
+from ivfast.probes.features import (
+    FeatureCache,
+    FrozenBackbone,
+    load_encoder,
+    tokens_for,
+)
+from ivfast.probes.loop import (
+    KeyBatches,
+    make_loader,
+    param_groups,
+    pick_device,
+    run_training,
+)
 from ivfast.probes.randaug import RandAugClips, RandAugment
+
+logger = logging.getLogger("ivfast.data")
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:
@@ -65,6 +99,182 @@ class ClassifyHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.fc(self.norm(self.pool(tokens)))
+
+
+class ClassifyHeads(nn.Module):
+    """``n`` independent :class:`ClassifyHead` s on the same tokens: ``(B, N, D) -> (n, B, classes)``."""
+
+    def __init__(self, dim: int, heads: int, num_classes: int, n: int = 1):
+        super().__init__()
+        self.heads = nn.ModuleList(ClassifyHead(dim, heads, num_classes) for _ in range(n))
+        self._register_load_state_dict_pre_hook(self._single_head_keys)
+
+    @staticmethod
+    def _single_head_keys(state_dict, prefix, *args):
+        """A single :class:`ClassifyHead`'s state (a checkpoint from before the sweep) loads as head 0."""
+        for k in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "heads.")]:
+            state_dict[f"{prefix}heads.0.{k[len(prefix):]}"] = state_dict.pop(k)
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.stack([h(tokens) for h in self.heads])
+
+
+def sweep_settings(cfg: ProbeConfig) -> list[dict]:
+    """``[{"lr", "weight_decay"}]``, one per head: the grid ``classify.sweep.lr`` x
+    ``classify.sweep.weight_decay`` (lr-major), an empty list standing for ``lr`` / ``weight_decay``."""
+    s = cfg.classify.sweep
+    lrs = [float(x) for x in s.lr] or [float(cfg.lr)]
+    wds = [float(x) for x in s.weight_decay] or [float(cfg.weight_decay)]
+    return [{"lr": lr, "weight_decay": wd} for lr in lrs for wd in wds]
+
+
+def sweep_groups(heads: ClassifyHeads, settings: list[dict], base_lr: float) -> list[dict]:
+    """AdamW groups of every head: its :func:`ivfast.probes.loop.param_groups` with its weight
+    decay, ``lr_scale`` = its lr / ``base_lr`` (so the shared cosine schedule, warm-up and
+    min_lr scale to each head's lr) and ``head`` = its index."""
+    groups = []
+    for i, (head, s) in enumerate(zip(heads.heads, settings)):
+        for g in param_groups(head, s["weight_decay"]):
+            groups.append({**g, "lr_scale": s["lr"] / base_lr, "head": i})
+    return groups
+
+
+def best_head(per_head: list[dict]) -> int:
+    """Index of the head with the highest top-1 (ties: higher top-5, then the lower index)."""
+    return max(range(len(per_head)), key=lambda i: (per_head[i]["top1"], per_head[i].get("top5", 0.0), -i))
+
+
+# ----------------------------------------------------------------------------- multi-view testing
+def crop_offsets(h: int, w: int, size: int, crops: int) -> list[tuple[int, int]]:
+    """``(y0, x0)`` of ``crops`` squares of ``size`` in an ``h`` x ``w`` frame, spread evenly
+    along its long side (first, ..., last; one crop: the centre), centred along the short side."""
+    def spread(length: int) -> list[int]:
+        if crops == 1:
+            return [(length - size) // 2]
+        return [(i * (length - size)) // (crops - 1) for i in range(crops)]
+
+    if h > w:
+        return [(y, (w - size) // 2) for y in spread(h)]
+    return [((h - size) // 2, x) for x in spread(w)]
+
+
+def crop_views(frames, size: int, crops: int, mean=None, std=None) -> torch.Tensor:
+    """uint8 frames ``(T, H, W, 3)`` -> float32 ``(crops, 3, T, size, size)``: the short side
+    resized to ``size`` (as :func:`ivfast.data.transforms.eval_transform`, whose centre crop
+    is the one-crop view), then :func:`crop_offsets` crops, normalised."""
+    from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+
+    x = torch.as_tensor(np.ascontiguousarray(frames))
+    if x.dtype != torch.uint8 or x.ndim != 4:
+        raise ValueError(f"crop_views needs uint8 frames (T, H, W, C), got {tuple(x.shape)} {x.dtype}")
+    _, h, w, _ = x.shape
+    if h <= w:
+        new_h, new_w = size, max(size, round(w * size / h))
+    else:
+        new_h, new_w = max(size, round(h * size / w)), size
+    x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=False)
+    mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
+    return torch.stack([normalize(x[:, :, y:y + size, x0:x0 + size], mean, std)
+                        for y, x0 in crop_offsets(new_h, new_w, size, crops)])
+
+
+class MultiViewClips(Dataset):
+    """Validation samples as ``clips`` x ``crops`` views: ``__getitem__((index, seed))`` ->
+    ``{"video": float32 (clips * crops, 3, num_frames, size, size) (clip-major), "label",
+    "index"}`` or ``None`` for an unreadable video (one warning naming it, as the data sets do).
+
+    ``base`` is either a ``VideoListDataset`` (``train=False``): its video (or folder of
+    frames) is decoded once, ``num_frames * clips`` TSN middles, and clip k is frames
+    ``k::clips`` (in each of the ``num_frames`` segments the middle of its k-th of ``clips``
+    parts); then :func:`crop_views`. Or a data set of normalised clips of ``num_frames *
+    clips`` frames (``SyntheticClips``): clip k is frames ``k * num_frames .. (k + 1) *
+    num_frames - 1``, the crops cut from its frames without resizing. One view (1 x 1) is the
+    single-view evaluation clip.
+    """
+
+    def __init__(self, base, num_frames: int, clips: int = 1, crops: int = 1, size: int | None = None):
+        size = int(size if size is not None else base.size)  # default: the base data set's size
+        if num_frames < 1 or clips < 1 or crops < 1:
+            raise ValueError(f"MultiViewClips: bad num_frames={num_frames} clips={clips} crops={crops}")
+        self.base, self.num_frames, self.clips, self.crops, self.size = base, num_frames, clips, crops, size
+        self.from_list = hasattr(base, "entries")
+
+    @property
+    def views(self) -> int:
+        return self.clips * self.crops
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        if self.from_list:
+            return self._list_item(key)
+        item = self.base[key]
+        if item is None:
+            return None
+        video = torch.as_tensor(item["video"])
+        f, s = self.num_frames, self.size
+        if video.shape[1] < f * self.clips:
+            raise ValueError(f"MultiViewClips: the base clip has {video.shape[1]} frames, {f} x {self.clips} needed")
+        views = []
+        for k in range(self.clips):
+            clip = video[:, k * f:(k + 1) * f]
+            views += [clip[..., y:y + s, x:x + s] for y, x in crop_offsets(clip.shape[-2], clip.shape[-1], s, self.crops)]
+        return {"video": torch.stack(views).contiguous(), "label": item["label"], "index": item["index"]}
+
+    def _list_item(self, key):
+        from ivfast.data.video_list import UnreadableVideo, failure_reason, load_clip
+
+        index, _ = sample_key(key)
+        b = self.base
+        if not 0 <= index < len(b.entries):
+            raise IndexError(f"MultiViewClips: index {index} out of range [0, {len(b.entries)})")
+        entry = b.entries[index]
+        n = self.num_frames * self.clips
+        try:
+            if getattr(entry, "error", None):
+                raise UnreadableVideo(entry.error)
+            if getattr(entry, "frames", False):
+                from ivfast.data.frames import load_frames
+
+                frames = load_frames(entry, n, None, min_frames=b.min_frames, timeout_s=b.decode_timeout_s,
+                                     template=b.frame_template)
+            else:
+                frames = load_clip(entry.path, n, None, 0, entry=entry, min_frames=b.min_frames,
+                                   timeout_s=b.decode_timeout_s)
+            video = torch.cat([crop_views(frames[k::self.clips], self.size, self.crops, b.mean, b.std)
+                               for k in range(self.clips)])
+        except Exception as e:  # noqa: BLE001 - any failure of one sample is reported, not raised
+            logger.warning("cannot read video %s: %s", entry.path, failure_reason(e))
+            return None
+        return {"video": video, "label": entry.label, "index": index}
+
+
+class _EachView:
+    """Calls the backbone on ``(B, V, C, T, H, W)`` views, ``chunk`` clips at a time: ``(B, V, N, D)``."""
+
+    def __init__(self, backbone, chunk: int):
+        self.backbone, self.chunk = backbone, max(1, int(chunk))
+
+    def __call__(self, video: torch.Tensor) -> torch.Tensor:
+        flat = video.flatten(0, 1)
+        tok = torch.cat([self.backbone(flat[i:i + self.chunk]) for i in range(0, flat.shape[0], self.chunk)])
+        return tok.unflatten(0, tuple(video.shape[:2]))
+
+
+def combine_views(logits: torch.Tensor, how: str = "softmax") -> torch.Tensor:
+    """``(..., V, classes)`` view logits -> ``(..., classes)`` video scores: the mean of the
+    views' softmax probabilities (``softmax``) or of their logits (``logits``)."""
+    logits = logits.float()
+    if how == "softmax":
+        return logits.softmax(-1).mean(-2)
+    if how == "logits":
+        return logits.mean(-2)
+    raise ValueError(f"unknown view average {how!r} (softmax | logits)")
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -122,22 +332,34 @@ def layer_decay_groups(encoder, decay: float, weight_decay: float = 0.05, base_l
     return [groups[k] for k in sorted(groups)]
 
 
-def build_datasets(cfg: ProbeConfig):
-    """(train, val) data sets keyed ``(index, seed)``; the training one with RandAugment when ``randaug``."""
+def _base_datasets(cfg: ProbeConfig):
     c = cfg.classify
     if c.data == "synthetic":
         from ivfast.data.synthetic import SyntheticClips
 
         train = SyntheticClips(c.synthetic_train, c.num_frames, c.img_size, c.num_classes, flip=c.flip, content_seed=0)
-        val = SyntheticClips(c.synthetic_val, c.num_frames, c.img_size, c.num_classes, flip=False, content_seed=1)
+        val = SyntheticClips(c.synthetic_val, c.num_frames * c.test_clips, c.img_size, c.num_classes, flip=False,
+                             content_seed=1)
     else:
         from ivfast.data.video_list import VideoListDataset
 
-        train = VideoListDataset(c.train_list, c.root, c.num_frames, c.img_size, flip=c.flip, train=True)
-        val = VideoListDataset(c.val_list, c.root, c.num_frames, c.img_size, flip=False, train=False)
+        train = VideoListDataset(c.train_list, c.root, c.num_frames, c.img_size, flip=c.flip, train=True,
+                                 frame_template=c.frame_template)
+        val = VideoListDataset(c.val_list, c.root, c.num_frames, c.img_size, flip=False, train=False,
+                               frame_template=c.frame_template)
+    return train, val
+
+
+def build_datasets(cfg: ProbeConfig):
+    """(train, val) data sets keyed ``(index, seed)``; the training one with RandAugment when
+    ``randaug``; the validation one a :class:`MultiViewClips` of ``test_clips`` x ``test_crops`` views."""
+    c = cfg.classify
+    train, val = _base_datasets(cfg)
+    val = MultiViewClips(val, c.num_frames, c.test_clips, c.test_crops, c.img_size)
     if c.randaug:
-        train = RandAugClips(train, RandAugment(c.randaug_ops, c.randaug_magnitude, c.randaug_magnitude_std,
-                                                c.randaug_prob))
+        aug = (RandAugment.from_string(c.randaug_timm) if c.randaug_timm else
+               RandAugment(c.randaug_ops, c.randaug_magnitude, c.randaug_magnitude_std, c.randaug_prob))
+        train = RandAugClips(train, aug)
     return train, val
 
 
@@ -146,16 +368,20 @@ def run(cfg: ProbeConfig) -> dict:
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     backbone = FrozenBackbone(load_encoder(cfg.backbone), cfg.backbone.layer).to(device)
-    head = ClassifyHead(backbone.width, c.heads, c.num_classes).to(device)
+    settings = sweep_settings(cfg)
+    head = ClassifyHeads(backbone.width, c.heads, c.num_classes, len(settings)).to(device)
     train, val = build_datasets(cfg)
     # Training features are cacheable only without per-step randomness: then every clip is
     # read with seed 0 (one fixed view), the usual frozen-feature probe practice.
     cache_train = bool(cfg.feature_cache) and c.cutmix_prob == 0 and not c.randaug and c.repeated_aug == 1
     tcache = FeatureCache(cfg.feature_cache, "classify_train") if cache_train else None
-    vcache = FeatureCache(cfg.feature_cache, "classify_val") if cfg.feature_cache else None
+    # Cached per video: the tokens of its views, (views, N, D).
+    vcache = FeatureCache(cfg.feature_cache, f"classify_val_{c.test_clips}x{c.test_crops}") if cfg.feature_cache else None
     rng = np.random.default_rng(cfg.seed)
     tsampler = KeyBatches(len(train), cfg.batch_size, cfg.seed, c.repeated_aug, fixed_seed=0 if cache_train else None)
-    vsampler = KeyBatches(len(val), cfg.eval_batch_size, 0, shuffle=False, fixed_seed=0)
+    # eval_batch_size counts clips through the backbone: a batch holds eval_batch_size // views videos (>= 1).
+    vsampler = KeyBatches(len(val), max(1, cfg.eval_batch_size // val.views), 0, shuffle=False, fixed_seed=0)
+    each_view = _EachView(backbone, cfg.eval_batch_size)
     tloader = make_loader(train, tsampler, cfg.num_workers, collate_skip_bad)
 
     def epoch_batches(epoch, start):
@@ -170,22 +396,37 @@ def run(cfg: ProbeConfig) -> dict:
         if c.cutmix_prob > 0 and rng.random() < c.cutmix_prob:
             video, target = cutmix(video, target, c.cutmix_alpha, rng)
         tokens = tokens_for(backbone, video, batch["index"], tcache, device)
-        logits = head(tokens)
-        return soft_cross_entropy(logits, target.to(device)), {}
+        logits = head(tokens)  # (heads, B, classes)
+        target = target.to(device)
+        # Each head's mean loss, summed: every head gets exactly its own loss's gradient.
+        loss = soft_cross_entropy(logits, target) * len(head)
+        logs = {}
+        if len(head) > 1:
+            with torch.no_grad():
+                per = -(target * F.log_softmax(logits.detach().float(), dim=-1)).sum(-1).mean(-1)
+            logs["head_losses"] = [round(x, 6) for x in per.tolist()]
+        return loss, logs
 
     @torch.no_grad()
     def evaluate():
-        logits, labels = [], []
+        scores, labels = [], []
         for batch in make_loader(val, vsampler, cfg.num_workers, collate_skip_bad, persistent=False):
             if batch["video"] is None:
                 continue
-            logits.append(head(tokens_for(backbone, batch["video"], batch["index"], vcache, device)).cpu())
+            tok = tokens_for(each_view, batch["video"], batch["index"], vcache, device)  # (B, views, N, D)
+            logits = head(tok.flatten(0, 1)).unflatten(1, tuple(tok.shape[:2]))  # (heads, B, views, classes)
+            scores.append(combine_views(logits, c.test_average).cpu())
             labels.append(batch["label"])
-        if not logits:
+        if not scores:
             raise ValueError("no readable validation clips")
-        res = topk_accuracy(torch.cat(logits), torch.cat(labels))
-        res["num_val"] = int(sum(len(x) for x in labels))
-        return res
+        scores, labels = torch.cat(scores, 1), torch.cat(labels)
+        per_head = [{"head": i, **s, **topk_accuracy(scores[i], labels)} for i, s in enumerate(settings)]
+        best = best_head(per_head)
+        return {"top1": per_head[best]["top1"], "top5": per_head[best]["top5"], "num_val": int(labels.numel()),
+                "best_head": best, "lr": settings[best]["lr"], "weight_decay": settings[best]["weight_decay"],
+                "test_views": {"clips": c.test_clips, "crops": c.test_crops, "average": c.test_average},
+                "heads": per_head}
 
     # The persistent workers end with tloader, when run returns.
-    return run_training(cfg, head, epoch_batches, len(tsampler), loss_fn, evaluate)
+    return run_training(cfg, head, epoch_batches, len(tsampler), loss_fn, evaluate,
+                        groups=sweep_groups(head, settings, cfg.lr), checkpoint_meta={"heads": settings})

@@ -92,6 +92,20 @@ def load_checkpoint(out_dir: str, head: nn.Module, opt: torch.optim.Optimizer) -
     return state
 
 
+def check_checkpoint_meta(out_dir: str, meta: dict) -> None:
+    """Raise ValueError when ``OUT/checkpoints/state.json`` stores a value of ``meta`` that differs."""
+    sp = os.path.join(_ckpt_dir(out_dir), "state.json")
+    if not meta or not os.path.isfile(sp):
+        return
+    with open(sp) as f:
+        state = json.load(f)
+    for key, want in meta.items():
+        have = state.get(key)
+        if have is not None and json.loads(json.dumps(have)) != json.loads(json.dumps(want)):
+            raise ValueError(f"cannot resume from {sp}: it was written with {key} = {have}, this run has {want} "
+                             "(use another output_dir, or resume=never)")
+
+
 def run_training(
     cfg: ProbeConfig,
     head: nn.Module,
@@ -99,6 +113,8 @@ def run_training(
     steps_per_epoch: int,
     loss_fn: Callable[[object], tuple[torch.Tensor, dict]],
     evaluate: Callable[[], dict] | None = None,
+    groups: list[dict] | None = None,
+    checkpoint_meta: dict | None = None,
 ) -> dict:
     """Train ``head`` and evaluate it; returns ``{"step", "losses", "eval"}``.
 
@@ -111,6 +127,12 @@ def run_training(
     a deterministic order (a function of the seed and epoch), so a resumed run starts after
     the batches already seen without loading them. ``loss_fn(batch) -> (loss, logs)``. The
     warm-up is ``cfg.warmup_steps``, or ``cfg.warmup_epochs`` x ``steps_per_epoch`` rounded.
+
+    ``groups`` (optional) replaces :func:`param_groups` ``(head, cfg.weight_decay)``: AdamW
+    groups each with its own ``weight_decay`` and ``lr_scale`` (its lr is the schedule's lr x
+    ``lr_scale``, min_lr included), e.g. one set per head of a sweep. ``checkpoint_meta``
+    (optional) is stored in the checkpoint; resuming from a checkpoint whose stored values
+    differ (e.g. another set of heads) is a ValueError naming both.
     """
     if steps_per_epoch <= 0:
         raise ValueError("the training set yields no batches")
@@ -118,9 +140,12 @@ def run_training(
     os.makedirs(out, exist_ok=True)
     total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
     warmup = warmup_steps(cfg, steps_per_epoch)
-    opt = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    groups = param_groups(head, cfg.weight_decay) if groups is None else groups
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    meta = dict(checkpoint_meta or {})
     step = 0
     if cfg.resume == "auto":
+        check_checkpoint_meta(out, meta)
         state = load_checkpoint(out, head, opt)
         if state is not None:
             step = int(state["step"])
@@ -150,7 +175,7 @@ def run_training(
                     writer.write({"step": step, "epoch": epoch, "loss": lv, "lr": lr, **logs})
                 bar.update(1, {"loss": lv})
                 if step % cfg.save_every == 0 or step == total:
-                    save_checkpoint(out, head, opt, step, {"total_steps": total})
+                    save_checkpoint(out, head, opt, step, {"total_steps": total, **meta})
             skip = 0
             epoch += 1
         bar.close()
