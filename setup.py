@@ -28,11 +28,13 @@ setup(
         # Loggers (train.loggers), imported only when named.
         "tensorboard": ["tensorboard==2.21.0"],
         "wandb": ["wandb==0.31.0"],
+        "fsspec": ["fsspec==2026.9.0"],  # URLs (s3://, gs://, memory://) for lists, videos and shards
         # What `make test` installs: pytest, pytest-benchmark, import-linter, transformers
         # (the one list is requirements-dev.txt).
         "test": requirements("requirements-dev.txt"),
     },
     entry_points={"console_scripts": ["ivfast-train=ivfast.train:main", "ivfast-export=ivfast.export:main",
                                         "ivfast-probe=ivfast.probes.cli:main", "ivfast-data=ivfast.data.cli:main",
-                                        "ivfast-memory=ivfast.memory.cli:main", "ivfast-plot=ivfast.plot:main"]},
+                                        "ivfast-memory=ivfast.memory.cli:main", "ivfast-plot=ivfast.plot:main",
+                                        "ivfast-extract=ivfast.extract:main"]},
 )
