@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CARRY_LIMIT = 64 * 2**20  # the device tool: the working tree plus carried paths, 64 MiB a call
 DEVICE_COMMAND_LIMIT_S = 600  # the device tool: one command runs at most 10 minutes
 
-# Python packages in the GPU machines' image (/work/.library/device/KINDS.md, read 2026-11-17).
+# Python packages in the GPU machines' image (the device tool's KINDS.md, read 2026-11-17).
 GPU_IMAGE = set("""
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
 charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core cuda-pathfinder
