@@ -21,7 +21,6 @@ import dataclasses
 import os
 import sys
 
-import torch
 
 from ivfast.models.pretrained import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, from_pretrained, is_pretrained_dir
 from ivfast.models.pretrained import FORMAT as PRETRAINED_FORMAT
@@ -99,13 +98,11 @@ def run_encoder_state(cfg, state: dict) -> tuple[dict, list[str]]:
     enc_state, notes = encoder_state(state), []
     stored_t = stage2_stored_time_rows(cfg, state)
     if stored_t:
-        from ivfast.models.pos_embed import interpolate_time
+        from ivfast.models.pos_embed import resample_table
 
         e = cfg.model.encoder
         n_cls, t_clip, side = e.num_cls_tokens, cfg.data.num_frames // e.tubelet_size, cfg.data.img_size // e.patch_size
-        table = enc_state["pos.table"]
-        patch = interpolate_time(table[n_cls:], stored_t, t_clip, side, side, align_corners=False)
-        enc_state["pos.table"] = torch.cat([table[:n_cls], patch], dim=0)
+        enc_state["pos.table"] = resample_table(enc_state["pos.table"], n_cls, t_clip, side, side, align_corners=False)
         notes.append(f"position table: the Stage-2 run stores {stored_t} time rows and resamples them in every forward "
                      f"(model.stage2.pos_resample=per_forward, align_corners=False); exported resampled to its "
                      f"{t_clip} frames, the rows its forward used")

@@ -30,7 +30,7 @@ import torch
 
 from ivfast.models.encoder import VideoEncoder
 from ivfast.models.layers import LayerScale
-from ivfast.models.pos_embed import interpolate_time
+from ivfast.models.pos_embed import resample_table
 from ivfast.models.release import mlp_ratio_for
 from ivfast.models.weights import LoadReport
 
@@ -218,7 +218,7 @@ def load_encoder_weights(encoder: VideoEncoder, path: str, *, align_corners: boo
     image size, CLS tokens, LayerScale, block style, position table kind, GELU): otherwise
     :class:`PretrainedError` (a ValueError) names each difference and nothing is written. A
     learnable position table for another frame count is resampled in time
-    (:func:`interpolate_time`, ``align_corners`` as there; the release resamples with
+    (:func:`resample_table`, ``align_corners`` as there; the release resamples with
     ``align_corners=False``). Returns a ``LoadReport`` (``loaded``, ``interpolated``, ``notes``).
     """
     pre = read_pretrained(path)
@@ -233,10 +233,8 @@ def load_encoder_weights(encoder: VideoEncoder, path: str, *, align_corners: boo
     t_new, h, w = encoder.pos.grid  # the table's own time rows (a Stage-2 table may store fewer than the clip's)
     if t_old != t_new:
         if "pos.table" in state:
-            n_cls = encoder.num_cls
-            table = state["pos.table"]
-            patch = interpolate_time(table[n_cls:], t_old, t_new, h, w, align_corners=align_corners)
-            state["pos.table"] = torch.cat([table[:n_cls], patch], dim=0)
+            state["pos.table"] = resample_table(state["pos.table"], encoder.num_cls, t_new, h, w,
+                                                align_corners=align_corners)
             report.interpolated["pos.table"] = (t_old, t_new)
         else:
             report.notes.append(f"fixed sine-cosine position table: {t_old} -> {t_new} time steps computed, not loaded")
