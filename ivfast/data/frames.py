@@ -9,7 +9,7 @@ from ivfast.data import fs
 from ivfast.data.config import frame_template_error
 from ivfast.data.decode_timeout import Deadline, time_limit
 from ivfast.data.lists import UnreadableVideo, VideoEntry
-from ivfast.data.sampling import tsn_indices
+from ivfast.data.sampling import clip_indices
 
 DEFAULT_TEMPLATE = "img_{:05d}.jpg"
 
@@ -78,18 +78,22 @@ def load_frames(entry: VideoEntry, num_frames: int, rng: np.random.Generator | N
     count = entry.frame_count
     if not count or count < 1:
         raise UnreadableVideo(f"a folder of frames needs its frame count (got {count})")
-    if count < min_frames:
-        raise UnreadableVideo(f"too short: {count} frames, fewer than data.min_frames = {min_frames}")
-    indices = tsn_indices(count, num_frames, rng)
+    indices = clip_indices(count, num_frames, rng, min_frames)
     with time_limit(timeout_s) as deadline:
-        return _read(entry, indices, template, deadline)
+        def read(k: int) -> np.ndarray:
+            return read_frame(fs.join(entry.path, frame_name(template, entry.start_frame + k)))
+
+        return stack_frames(indices, read, deadline)
 
 
-def _read(entry: VideoEntry, indices: np.ndarray, template: str, deadline: Deadline) -> np.ndarray:
+def stack_frames(indices: np.ndarray, read, deadline: Deadline | None = None) -> np.ndarray:
+    """``(len(indices), H, W, 3)``: frame ``k`` read once by ``read(k)`` (RGB uint8) per distinct
+    index, in ascending order; ``UnreadableVideo`` when the frames differ in size."""
     got: dict[int, np.ndarray] = {}
     for k in sorted({int(i) for i in indices}):
-        got[k] = read_frame(fs.join(entry.path, frame_name(template, entry.start_frame + k)))
-        deadline.check()
+        got[k] = read(k)
+        if deadline is not None:
+            deadline.check()
     shapes = {a.shape for a in got.values()}
     if len(shapes) > 1:
         raise UnreadableVideo(f"frames of different sizes {sorted(shapes)}")

@@ -127,10 +127,7 @@ def parse_list(path: str, root: str = "", fmt: str = "auto", bad_lines: str = "r
         out = ListFile(path, fmt)
         parse = {"release": _release_entry, "plain": _plain_entry, "videomae": _videomae_entry}[fmt]
         with fs.open_text(path) as f:
-            for lineno, raw in enumerate(f, start=1):
-                line = raw.strip()
-                if not line or line.startswith("#"):
-                    continue
+            for lineno, line in _content_lines(f):
                 fields = line.split()
                 try:
                     entry, path_field = parse(fields)
@@ -147,6 +144,14 @@ def parse_list(path: str, root: str = "", fmt: str = "auto", bad_lines: str = "r
     return out
 
 
+def _content_lines(f):
+    """``(line number, stripped line)`` of a list file's lines that are neither blank nor ``#`` comments."""
+    for lineno, raw in enumerate(f, start=1):
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            yield lineno, line
+
+
 def detect_format(path: str) -> str:
     """``csv`` for a ``.csv`` file or a first line that is a CSV header naming ``path``; else,
     by the fields of the first line, ``release`` for 6, ``plain`` for 1 or 2 and
@@ -154,10 +159,7 @@ def detect_format(path: str) -> str:
     if path.lower().endswith(".csv"):
         return "csv"
     with fs.open_text(path) as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
+        for lineno, line in _content_lines(f):
             fields = line.split()
             n = len(fields)
             if n == 6:

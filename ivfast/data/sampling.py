@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ivfast.data.lists import UnreadableVideo
+
 
 def tsn_indices(num_total: int, num_segments: int, rng: np.random.Generator | None = None) -> np.ndarray:
     """Frame indices, shape ``(num_segments,)``, dtype int64, sorted ascending.
@@ -38,3 +40,11 @@ def tsn_indices(num_total: int, num_segments: int, rng: np.random.Generator | No
     if rng is None:
         return (starts + ends) // 2
     return rng.integers(starts, ends, dtype=np.int64)
+
+
+def clip_indices(count: int, num_frames: int, rng: np.random.Generator | None, min_frames: int = 1) -> np.ndarray:
+    """:func:`tsn_indices` of a clip sampled from ``count`` frames (a video's, a folder's, a
+    shard member's); ``UnreadableVideo`` when ``count`` is below ``min_frames`` (``data.min_frames``)."""
+    if count < min_frames:
+        raise UnreadableVideo(f"too short: {count} frames, fewer than data.min_frames = {min_frames}")
+    return tsn_indices(count, num_frames, rng)

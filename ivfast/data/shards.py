@@ -55,7 +55,6 @@ of batches never changes.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -70,15 +69,16 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ivfast.data import fs
 from ivfast.data.collate import collate_skip_bad
-from ivfast.data.decode_timeout import Deadline, time_limit
-from ivfast.data.sampling import tsn_indices
+from ivfast.data.decode_timeout import time_limit
+from ivfast.data.frames import decode_image, stack_frames
+from ivfast.data.sampling import clip_indices
 from ivfast.data.transforms import (
     DEFAULT_SCALES,
     IMAGENET_MEAN,
     IMAGENET_STD,
     train_transform,
 )
-from ivfast.data.video_list import UnreadableVideo, failure_reason
+from ivfast.data.video_list import UnreadableVideo, failure_reason, load_clip
 from ivfast.rng import mix64
 
 logger = logging.getLogger("ivfast.data")
@@ -276,87 +276,11 @@ def index_shards(paths: Sequence[str], cache: str = "") -> list[int]:
 
 # ----------------------------------------------------------------------------- decoding
 
-def _open_av(data: bytes, timeout_s: float):
-    import av  # lazily: the synthetic path needs no PyAV
-
-    if not data:
-        raise UnreadableVideo("empty member")
-    container = av.open(io.BytesIO(data), timeout=timeout_s if timeout_s > 0 else None)
-    if not container.streams.video:
-        container.close()
-        raise UnreadableVideo("no video stream")
-    stream = container.streams.video[0]
-    stream.codec_context.thread_count = 1  # as video_list.open_video: no FFmpeg threads in forked workers
-    stream.thread_type = "NONE"
-    return container
-
-
-def _decode_at(data: bytes, indices: np.ndarray | None, deadline: Deadline) -> tuple[np.ndarray | None, int]:
-    """As ``video_list._decode_at`` from bytes; ``indices`` None: count the frames only."""
-    last = -1 if indices is None else int(indices[-1])
-    wanted = set() if indices is None else {int(i) for i in indices}
-    got, n = {}, 0
-    with _open_av(data, deadline.seconds) as container:
-        for frame in container.decode(container.streams.video[0]):
-            if n in wanted:
-                got[n] = frame.to_ndarray(format="rgb24")
-            n += 1
-            deadline.check()
-            if indices is not None and n > last:
-                break
-    if indices is None or n <= last:
-        return None, n
-    return np.stack([got[int(i)] for i in indices]), n
-
-
-def _indices(total: int, num_frames: int, rng, min_frames: int) -> np.ndarray:
-    if total < min_frames:
-        raise UnreadableVideo(f"too short: {total} frames, fewer than data.min_frames = {min_frames}")
-    return tsn_indices(total, num_frames, rng)
-
-
-def clip_from_bytes(data: bytes, num_frames: int, rng: np.random.Generator | None, seed: int | None = None, *,
-                    min_frames: int = 1, timeout_s: float = 0.0) -> np.ndarray:
-    """TSN-sampled RGB uint8 frames ``(num_frames, H, W, 3)`` of an encoded video held in memory:
-    ``video_list.load_clip``'s rules (frames in decode order, the header's count else a
-    counting pass, one redraw when the header overstates it) without a file."""
-    with time_limit(timeout_s) as deadline:
-        with _open_av(data, timeout_s) as container:
-            total = int(container.streams.video[0].frames or 0)
-        counted = total <= 0
-        if counted:
-            _, total = _decode_at(data, None, deadline)
-        if total <= 0:
-            raise UnreadableVideo("zero frames")
-        frames, n = _decode_at(data, _indices(total, num_frames, rng, min_frames), deadline)
-        if frames is not None:
-            return frames
-        if n <= 0:
-            raise UnreadableVideo("zero decodable frames")
-        if counted:
-            raise UnreadableVideo(f"decoding is not repeatable ({total} frames counted, then {n})")
-        if rng is not None:
-            rng = np.random.default_rng(seed)
-        frames, n2 = _decode_at(data, _indices(n, num_frames, rng, min_frames), deadline)
-        if frames is None:
-            raise UnreadableVideo(f"decoding is not repeatable ({n} frames, then {n2})")
-        return frames
-
-
 def clip_from_images(images: Sequence[bytes], num_frames: int, rng: np.random.Generator | None, *,
                      min_frames: int = 1) -> np.ndarray:
     """TSN-sampled frames of a clip stored as one image per frame (only the picked ones are decoded)."""
-    from PIL import Image
-
-    indices = _indices(len(images), num_frames, rng, min_frames)
-    decoded: dict[int, np.ndarray] = {}
-    for i in {int(i) for i in indices}:
-        with Image.open(io.BytesIO(images[i])) as im:
-            decoded[i] = np.asarray(im.convert("RGB"))
-    shapes = {a.shape for a in decoded.values()}
-    if len(shapes) != 1:
-        raise UnreadableVideo(f"frames of different sizes {sorted(shapes)}")
-    return np.stack([decoded[int(i)] for i in indices])
+    indices = clip_indices(len(images), num_frames, rng, min_frames)
+    return stack_frames(indices, lambda k: decode_image(images[k]))
 
 
 def sample_clip(raw: RawSample, num_frames: int, rng, seed, *, min_frames: int, timeout_s: float
@@ -373,8 +297,8 @@ def sample_clip(raw: RawSample, num_frames: int, rng, seed, *, min_frames: int, 
     if videos:
         name = f"{raw.key}.{videos[0]}"
         try:
-            frames = clip_from_bytes(raw.members[videos[0]], num_frames, rng, seed, min_frames=min_frames,
-                                     timeout_s=timeout_s)
+            frames = load_clip(raw.members[videos[0]], num_frames, rng, seed, min_frames=min_frames,
+                               timeout_s=timeout_s)
         except Exception as e:  # noqa: BLE001 - re-raised naming the member
             raise UnreadableVideo(f"{name}: {failure_reason(e)}") from None
         return frames, label, name

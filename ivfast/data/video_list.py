@@ -14,7 +14,7 @@ from ivfast.data.collate import sample_key
 from ivfast.data.decode_timeout import Deadline, time_limit
 from ivfast.data.frames import DEFAULT_TEMPLATE, check_template, load_frames
 from ivfast.data.lists import UnreadableVideo, VideoEntry, read_list, segment_frames
-from ivfast.data.sampling import tsn_indices
+from ivfast.data.sampling import clip_indices
 from ivfast.data.transforms import DEFAULT_SCALES, IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 logger = logging.getLogger("ivfast.data")
@@ -25,13 +25,18 @@ def failure_reason(e: BaseException) -> str:
     return str(e) if isinstance(e, UnreadableVideo) else f"{type(e).__name__}: {e}"
 
 
-def open_video(path: str, timeout_s: float = 0.0):
+def open_video(path: str | bytes, timeout_s: float = 0.0):
     """An open PyAV container with a video stream; ``timeout_s > 0`` bounds each blocking read.
 
-    A URL (``fs.is_url``) is read whole through fsspec and decoded from memory."""
+    ``path``: a file, a URL (``fs.is_url``: read whole through fsspec and decoded from memory) or
+    the encoded video itself (``bytes``, e.g. a tar shard's member)."""
     import av  # imported lazily: the synthetic data path needs no PyAV
 
-    if fs.is_url(path):
+    if isinstance(path, bytes):
+        if not path:
+            raise UnreadableVideo("empty member")
+        source = io.BytesIO(path)
+    elif fs.is_url(path):
         try:
             data = fs.read_bytes(path)
         except (FileNotFoundError, IsADirectoryError):
@@ -65,7 +70,7 @@ def _stream_duration_s(container) -> float | None:
     return float(duration * time_base) if duration and time_base else None
 
 
-def _count_frames(path: str, deadline: Deadline | None = None) -> tuple[int, float | None]:
+def _count_frames(path: str | bytes, deadline: Deadline | None = None) -> tuple[int, float | None]:
     """Decode the whole video stream: ``(frames, length in seconds)``.
 
     The length is the span of the frame timestamps plus one mean frame interval (so it
@@ -85,7 +90,8 @@ def _count_frames(path: str, deadline: Deadline | None = None) -> tuple[int, flo
     return n, span
 
 
-def _decode_at(path: str, indices: np.ndarray, deadline: Deadline | None = None) -> tuple[np.ndarray | None, int]:
+def _decode_at(path: str | bytes, indices: np.ndarray,
+               deadline: Deadline | None = None) -> tuple[np.ndarray | None, int]:
     """Decode frames ``0 .. max(indices)`` in order, keep those at ``indices`` as RGB uint8.
 
     Returns ``((T, H, W, 3) uint8, n)`` when every index was reached, else ``(None, n)``
@@ -117,14 +123,13 @@ def _needs_length(entry: VideoEntry | None) -> bool:
 def _clip_indices(entry: VideoEntry | None, total: int, duration: float | None, num_frames: int,
                   rng: np.random.Generator | None, min_frames: int) -> np.ndarray:
     first, count = (0, total) if entry is None else segment_frames(entry, total, duration)
-    if count < min_frames:
-        raise UnreadableVideo(f"too short: {count} frames, fewer than data.min_frames = {min_frames}")
-    return first + tsn_indices(count, num_frames, rng)
+    return first + clip_indices(count, num_frames, rng, min_frames)
 
 
-def load_clip(path: str, num_frames: int, rng: np.random.Generator | None, seed: int | None = None, *,
+def load_clip(path: str | bytes, num_frames: int, rng: np.random.Generator | None, seed: int | None = None, *,
               entry: VideoEntry | None = None, min_frames: int = 1, timeout_s: float = 0.0) -> np.ndarray:
-    """TSN-sampled RGB uint8 frames ``(num_frames, H, W, 3)`` of one video.
+    """TSN-sampled RGB uint8 frames ``(num_frames, H, W, 3)`` of one video (``path``: as
+    :func:`open_video` takes it, a file, a URL or the encoded bytes).
 
     Frames are numbered in decode order (timestamps pick nothing), so a stream that starts
     after time 0 or has a variable frame rate is sampled like any other. The frame count
@@ -155,7 +160,8 @@ def load_clip(path: str, num_frames: int, rng: np.random.Generator | None, seed:
             raise UnreadableVideo("zero decodable frames")
         if counted:  # the count came from decoding; a shorter second decode is not a clean video
             raise UnreadableVideo(f"decoding is not repeatable ({total} frames counted, then {n})")
-        logger.info("%s: the header says %d frames but only %d decode; sampling from %d", path, total, n, n)
+        logger.info("%s: the header says %d frames but only %d decode; sampling from %d",
+                    "an in-memory video" if isinstance(path, bytes) else path, total, n, n)
         if rng is not None:
             rng = np.random.default_rng(seed)
         indices = _clip_indices(entry, n, duration, num_frames, rng, min_frames)
