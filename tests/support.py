@@ -1,7 +1,9 @@
 """Helpers shared by the test folders: subprocess environments and the kernel tolerance rule."""
 from __future__ import annotations
 
+import json
 import os
+import socket
 import sys
 
 import torch
@@ -70,3 +72,21 @@ def stage2_model(cfg):
     from ivfast.models.stage2 import Stage2Model
 
     return Stage2Model(stage2_config(cfg))
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for a test's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def step_metrics(out: str) -> list[dict]:
+    """A run's ``metrics.jsonl``: the last record of each step, in step order (a resumed run logs
+    the replayed steps again)."""
+    by_step = {}
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]

@@ -9,7 +9,6 @@
 - SIGUSR1 (``sbatch --signal=USR1@120``): saves at the next step, exits 75, and the same
   command resumes at the right step.
 """
-import json
 import os
 import signal
 import socket
@@ -19,7 +18,8 @@ import time
 
 import pytest
 
-from tests.support import ROOT, run_env
+from tests.support import ROOT, free_port, run_env
+from tests.support import step_metrics as metrics
 
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 FAST = ["data.num_workers=0", "train.progress=false"]
@@ -32,9 +32,7 @@ TIMEOUT = 300
 def _free_port(lo=None, hi=None):
     """A free port: any, or one in [lo, hi] (the range srun's derived ports come from)."""
     if lo is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+        return free_port()
     for port in range(lo + os.getpid() % (hi - lo), hi + 1):
         with socket.socket() as s:
             try:
@@ -71,16 +69,6 @@ def _lines(path):
         return 0
     with open(path) as f:
         return sum(1 for _ in f)
-
-
-def metrics(out):
-    """The last record of each step (a resumed run logs the replayed steps again)."""
-    by_step = {}
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            by_step[rec["step"]] = rec
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def assert_same_losses(one, many):

@@ -3,10 +3,8 @@
 Runs go through ``python ivfast/train.py`` (one process) or the ``deepspeed`` launcher
 (two gloo ranks), exactly as a user runs them.
 """
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,19 +12,11 @@ import time
 import pytest
 import torch
 
-from tests.support import (
-    ROOT,  # noqa: E402
-    run_env,
-)
+from tests.support import ROOT, free_port, run_env
+from tests.support import step_metrics as metrics
 
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 FAST = ["data.num_workers=0", "train.progress=false"]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_cmd(out, overrides=(), nproc=1, config=TINY):
@@ -34,7 +24,7 @@ def train_cmd(out, overrides=(), nproc=1, config=TINY):
     if nproc == 1:
         return [sys.executable, *args]
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    return [launcher, "--num_gpus", str(nproc), "--master_port", str(_free_port()), *args]
+    return [launcher, "--num_gpus", str(nproc), "--master_port", str(free_port()), *args]
 
 
 def run_train(out, overrides=(), nproc=1, timeout=600, interpret=False, config=TINY):
@@ -43,16 +33,6 @@ def run_train(out, overrides=(), nproc=1, timeout=600, interpret=False, config=T
                           timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
-
-
-def metrics(out):
-    """The last record of each step (a resumed run logs the replayed steps again)."""
-    by_step = {}
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            by_step[rec["step"]] = rec
-    return [by_step[s] for s in sorted(by_step)]
 
 
 @pytest.mark.parametrize("recon", ["none", "linear", "diffusion"])
@@ -164,7 +144,7 @@ def test_nan_on_one_rank_is_skipped_on_all_ranks(tmp_path):
     order = ShardedBatchSampler(256, 4, 1, 2, seed=0).epoch_order(0)
     index = int(order[2 * 8 + 4])
     out = str(tmp_path / "nan1")
-    torch.multiprocessing.spawn(_nan_worker, args=(2, out, _free_port(), index), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_nan_worker, args=(2, out, free_port(), index), nprocs=2, join=True)
     recs = metrics(out)
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]  # the skipped batch is not a step
     assert [r["skipped_steps"] for r in recs] == [0, 0, 1, 1, 1]

@@ -13,6 +13,7 @@ from ivfast.data.video_list import VideoListDataset
 from ivfast.probes import classify
 from ivfast.probes.config import load_probe_config
 from tests.clips import level_to_frame, write_corrupt, write_numbered_clip
+from tests.probes.common import run_classify_killed
 from tests.support import ROOT
 
 CFG = os.path.join(ROOT, "configs", "probes")
@@ -170,19 +171,7 @@ def test_several_heads_resume_and_refuse_other_heads(tmp_path, monkeypatch):
     # cutmix off: its draws come from a generator the checkpoint does not hold (as in test_probes_loop)
     extra = [*COMMON, "classify.cutmix_prob=0.0", "classify.sweep.lr=[1e-3, 3e-3]", "classify.test_clips=2"]
     ref = classify.run(_cfg(tmp_path, "ref", *extra))
-    calls = {"n": 0}
-    real = classify.soft_cross_entropy
-
-    def dying(logits, target):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("killed")
-        return real(logits, target)
-
-    monkeypatch.setattr(classify, "soft_cross_entropy", dying)
-    with pytest.raises(RuntimeError, match="killed"):
-        classify.run(_cfg(tmp_path, "out", *extra))
-    monkeypatch.setattr(classify, "soft_cross_entropy", real)
+    run_classify_killed(monkeypatch, _cfg(tmp_path, "out", *extra))
     state = _json(tmp_path / "out" / "checkpoints" / "state.json")
     assert state["step"] == 3 and len(state["heads"]) == 2
     assert sorted({(g["head"], g["lr_scale"]) for g in state["param_groups"]}) == [(0, 1.0), (1, 3.0)]

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 from ivfast.probes import classify
 from ivfast.probes.config import ProbeConfig, load_probe_config
 from ivfast.probes.loop import KeyBatches, make_loader, run_training, warmup_steps
+from tests.probes.common import run_classify_killed
 from tests.support import ROOT  # noqa: E402
 
 CFG = os.path.join(ROOT, "configs", "probes")
@@ -108,19 +109,7 @@ def test_classify_workers_and_resume_match_one_process(tmp_path, monkeypatch):
     # A run that dies in its 5th step (checkpoint at step 3), resumed with 2 DataLoader workers:
     # it starts at the last batch of epoch 0 and reproduces the one-process run.
     out = str(tmp_path / "w2")
-    calls = {"n": 0}
-    real = classify.soft_cross_entropy
-
-    def dying(logits, target):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("killed")
-        return real(logits, target)
-
-    monkeypatch.setattr(classify, "soft_cross_entropy", dying)
-    with pytest.raises(RuntimeError, match="killed"):
-        classify.run(load_probe_config("classify", path, [f"output_dir={out}", *common]))
-    monkeypatch.setattr(classify, "soft_cross_entropy", real)
+    run_classify_killed(monkeypatch, load_probe_config("classify", path, [f"output_dir={out}", *common]))
     assert json.load(open(os.path.join(out, "checkpoints", "state.json")))["step"] == 3
     rest = classify.run(load_probe_config("classify", path, [f"output_dir={out}", "num_workers=2", *common]))
     assert rest["step"] == 6 and rest["losses"] == pytest.approx(ref["losses"][3:], rel=1e-5)
