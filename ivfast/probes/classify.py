@@ -363,11 +363,12 @@ def build_datasets(cfg: ProbeConfig):
     return train, val
 
 
-def run(cfg: ProbeConfig) -> dict:
+def run(cfg: ProbeConfig, encoder=None) -> dict:
+    """``encoder``: the backbone already loaded from ``cfg.backbone`` (the CLI's), else loaded here."""
     c = cfg.classify
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    backbone = FrozenBackbone(load_encoder(cfg.backbone), cfg.backbone.layer).to(device)
+    backbone = FrozenBackbone(encoder or load_encoder(cfg.backbone), cfg.backbone.layer).to(device)
     settings = sweep_settings(cfg)
     head = ClassifyHeads(backbone.width, c.heads, c.num_classes, len(settings)).to(device)
     train, val = build_datasets(cfg)

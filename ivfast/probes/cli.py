@@ -32,10 +32,11 @@ def clip_shape(cfg, task: str) -> tuple[tuple[int, int, int], str]:
     return (t.window, t.crop, t.crop), f"track windows (track.window={t.window}, track.crop={t.crop})"
 
 
-def check_backbone(cfg, task: str) -> dict:
+def check_backbone(cfg, task: str) -> tuple:
     """Load the backbone ``cfg`` selects, print which it is (the log's first lines) and how the
     probe's clips are fitted to it; :class:`BackboneMismatch` (one line naming both sides) when
-    they cannot be, before any training. Returns what ``OUTPUT_DIR/backbone.json`` records."""
+    they cannot be, before any training. Returns the encoder (the probe runs on it: loaded once)
+    and what ``OUTPUT_DIR/backbone.json`` records."""
     encoder, info = load_backbone(cfg.backbone)
     for line in describe_backbone(info, cfg.backbone.layer):
         print(line, flush=True)
@@ -43,7 +44,7 @@ def check_backbone(cfg, task: str) -> dict:
     fits = FrozenBackbone(encoder, cfg.backbone.layer).fit(t, h, w, what)
     for line in fits:
         print(f"backbone: {line}", flush=True)
-    return {**info, "clips": fits}
+    return encoder, {**info, "clips": fits}
 
 
 def main(argv=None) -> int:
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
         print(str(e), file=sys.stderr)
         return 2
     try:
-        notes = check_backbone(cfg, args.task)
+        encoder, notes = check_backbone(cfg, args.task)
     except BackboneMismatch as e:
         print(f"ivfast-probe: {e}", file=sys.stderr)
         return 2
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         from ivfast.probes.depth import run
     else:
         from ivfast.probes.track import run
-    out = run(cfg)
+    out = run(cfg, encoder)
     print(json.dumps({"task": args.task, "step": out["step"], **out["eval"]}))
     return 0
 

@@ -398,13 +398,14 @@ def load_videos(cfg: ProbeConfig, split: str) -> list[tuple[np.ndarray, np.ndarr
     return [read_depth_dir(p) for p in (d.train_dirs if split == "train" else d.val_dirs)]
 
 
-def run(cfg: ProbeConfig) -> dict:
+def run(cfg: ProbeConfig, encoder=None) -> dict:
     """Train on ``img_size`` windows (depth resized nearest-neighbour); evaluate at the depth
-    maps' own resolution, overlapping windows averaged per frame."""
+    maps' own resolution, overlapping windows averaged per frame. ``encoder``: the backbone
+    already loaded from ``cfg.backbone`` (the CLI's), else loaded here."""
     d = cfg.depth
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    encoder = load_encoder(cfg.backbone)
+    encoder = encoder or load_encoder(cfg.backbone)
     if d.head == "temporal":
         layers = list(d.layers) or default_layers(encoder.depth)
         backbone = MultiLayerBackbone(encoder, layers).to(device)

@@ -21,8 +21,15 @@ def load_backbone(b: BackboneConfig) -> tuple[nn.Module, dict]:
     mode, drop-path off) and what it is: ``source``, ``path`` (export directory or checkpoint,
     absolute; empty for ``random``), ``run_config`` (checkpoints), ``format`` (exports),
     ``parameters``, ``architecture`` (the constructor arguments), ``note`` (why ``b.source``
-    was set aside, else empty)."""
+    was set aside, else empty). Building the encoder draws nothing from the global RNG (its random
+    init is forked off), so a probe's own draws do not depend on where its backbone was loaded."""
+    with torch.random.fork_rng(devices=[]):
+        return _load_backbone(b)
+
+
+def _load_backbone(b: BackboneConfig) -> tuple[nn.Module, dict]:
     from ivfast.export import build_encoder, encoder_kwargs, is_pretrained_dir, run_encoder_state
+    from ivfast.models.layers import count_parameters
     from ivfast.models.pretrained import CONFIG_FILE, FORMAT, LEGACY_FORMAT, encoder_args_of, from_pretrained
 
     source, note = resolve_backbone(b)
@@ -52,21 +59,17 @@ def load_backbone(b: BackboneConfig) -> tuple[nn.Module, dict]:
         enc = build_encoder(kwargs, run_encoder_state(cfg, load_model_state(b.checkpoint))[0])
         info.update(path=os.path.abspath(b.checkpoint), run_config=os.path.abspath(run_config))
     else:
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(b.random_seed)
-        try:
-            enc = build_encoder(dict(img_size=b.random_img_size, patch_size=b.random_patch,
-                                     num_frames=b.random_frames, width=b.random_width, depth=b.random_depth,
-                                     heads=b.random_heads, drop_path=0.0, num_cls_tokens=1, pos_learnable=False))
-        finally:
-            torch.random.set_rng_state(gen_state)
+        torch.manual_seed(b.random_seed)  # inside load_backbone's fork of the RNG
+        enc = build_encoder(dict(img_size=b.random_img_size, patch_size=b.random_patch,
+                                 num_frames=b.random_frames, width=b.random_width, depth=b.random_depth,
+                                 heads=b.random_heads, drop_path=0.0, num_cls_tokens=1, pos_learnable=False))
         info["seed"] = b.random_seed
     if "mean" not in info:  # what ivfast trains with (ivfast-export records it)
         from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
         info.update(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
     enc.adapt_clips = bool(b.adapt_clips)  # read by FrozenBackbone
-    info["parameters"] = int(sum(p.numel() for p in enc.parameters()))
+    info["parameters"] = count_parameters(enc)
     info["architecture"] = encoder_args_of(enc)
     return enc.eval(), info
 

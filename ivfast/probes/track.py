@@ -311,11 +311,12 @@ def _stack(items):
     return [torch.stack(x) for x in zip(*items)]
 
 
-def run(cfg: ProbeConfig) -> dict:
+def run(cfg: ProbeConfig, encoder=None) -> dict:
+    """``encoder``: the backbone already loaded from ``cfg.backbone`` (the CLI's), else loaded here."""
     t = cfg.track
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    backbone = FrozenBackbone(load_encoder(cfg.backbone), cfg.backbone.layer).to(device)
+    backbone = FrozenBackbone(encoder or load_encoder(cfg.backbone), cfg.backbone.layer).to(device)
     head = TrackHead(backbone.width, t.width, t.heads, t.window).to(device)
     train, val = load_split(cfg, "train"), load_split(cfg, "val")
     tcache = FeatureCache(cfg.feature_cache, "track_train") if cfg.feature_cache else None

@@ -11,6 +11,7 @@ from ivfast.config import load_config, save_config
 from ivfast.export import main as export_main
 from ivfast.models.pretrained import from_pretrained
 from ivfast.probes import classify, depth, track
+from ivfast.probes import cli as probe_cli
 from ivfast.probes.cli import main as probe_main
 from ivfast.probes.config import BackboneConfig, ConfigError, load_probe_config, resolve_backbone
 from ivfast.probes.features import BackboneMismatch, FrozenBackbone, load_backbone
@@ -85,15 +86,16 @@ def test_tiny_probes_run_on_the_export(task, tiny_export, tmp_path, monkeypatch,
     """The issue's command: the tiny config with backbone.export_dir= runs on the export (not a
     random encoder), says so first, and fits its 32 px clips to the export's 56 px."""
     _, out = tiny_export
-    seen = []
-    real = TASK[task].load_encoder
+    seen = []  # the encoders the probe runs on: loaded once, by the CLI, and handed to the task's run
+    real = probe_cli.load_backbone
 
     def spy(b):
-        enc = real(b)
+        enc, info = real(b)
         seen.append(enc)
-        return enc
+        return enc, info
 
-    monkeypatch.setattr(TASK[task], "load_encoder", spy)
+    monkeypatch.setattr(probe_cli, "load_backbone", spy)
+    monkeypatch.setattr(TASK[task], "load_encoder", lambda b: pytest.fail("the backbone was loaded twice"))
     rc = probe_main([task, "--config", os.path.join(CFG, f"probe_{task}_tiny.yaml"), f"backbone.export_dir={out}",
                      f"output_dir={tmp_path / task}", "max_steps=2", "progress=false"])
     stdout = capsys.readouterr().out
