@@ -433,7 +433,7 @@ def stage1_config(cfg: Config) -> Stage1Config:
                         predictor=copy.deepcopy(m.predictor), diffusion=copy.deepcopy(m.diffusion))
 
 
-def stage2_config(cfg: Config) -> Stage2ModelConfig:
+def stage2_config(cfg: Config, stage1_state: dict | None = None) -> Stage2ModelConfig:
     """The Stage-2 model's own config, from the run config.
 
     ``pos_frames`` (the time rows the learnable position tables store under
@@ -441,29 +441,34 @@ def stage2_config(cfg: Config) -> Stage2ModelConfig:
     shape of its ``encoder.pos.table``: the run config does not say the Stage-1 run's frame count,
     and the checkpoint is the one source that every start of the run, a resume included, has
     (Stage 2 loads it before DeepSpeed resumes), so a resumed run rebuilds the same parameter
-    shapes. Only the table's shape is read (:func:`ivfast.checkpoint_io.tensor_shape`). A path that does not exist gives 0 (the clip's
-    frames; loading it fails later anyway); ``at_load`` or fixed (sincos) tables give 0.
+    shapes. ``stage1_state``: that checkpoint already loaded (the step's: read once); else only the
+    table's shape is read (:func:`ivfast.checkpoint_io.tensor_shape`), and a path that does not
+    exist gives 0 (the clip's frames; loading it fails later anyway). ``at_load`` or fixed (sincos)
+    tables give 0.
     """
     from ivfast.checkpoint_io import tensor_shape
 
     m, s2 = cfg.model, cfg.model.stage2
     key, num_cls = "encoder.pos.table", m.encoder.num_cls_tokens
     grid_hw = (cfg.data.img_size // m.encoder.patch_size) ** 2
-    pos_frames = 0
-    if s2.pos_resample == "per_forward" and m.encoder.pos_learnable and s2.init_checkpoint \
-            and os.path.exists(s2.init_checkpoint):
-        try:
-            shape = tensor_shape(s2.init_checkpoint, key)
-        except Exception as e:  # CheckpointError, an unreadable file (safetensors has its own errors)
-            raise ConfigError(f"config error: model.stage2.init_checkpoint = {s2.init_checkpoint!r}: cannot read its "
-                              f"{key} for model.stage2.pos_resample=per_forward ({str(e).splitlines()[0]})") from None
-        if shape is not None:  # no table: load_stage1 names the missing key
-            rows = shape[0] - num_cls
-            if len(shape) != 2 or rows <= 0 or rows % grid_hw:
-                raise ConfigError(f"config error: model.stage2.init_checkpoint = {s2.init_checkpoint!r}: its {key} "
-                                  f"{list(shape)} is not {num_cls} CLS rows + t x {grid_hw} patch rows "
-                                  "(model.encoder.num_cls_tokens, data.img_size / patch_size as in Stage 1?)")
-            pos_frames = rows // grid_hw
+    pos_frames, shape = 0, None
+    if s2.pos_resample == "per_forward" and m.encoder.pos_learnable:
+        if stage1_state is not None:
+            shape = tuple(stage1_state[key].shape) if key in stage1_state else None
+        elif s2.init_checkpoint and os.path.exists(s2.init_checkpoint):
+            try:
+                shape = tensor_shape(s2.init_checkpoint, key)
+            except Exception as e:  # CheckpointError, an unreadable file (safetensors has its own errors)
+                raise ConfigError(f"config error: model.stage2.init_checkpoint = {s2.init_checkpoint!r}: cannot "
+                                  f"read its {key} for model.stage2.pos_resample=per_forward "
+                                  f"({str(e).splitlines()[0]})") from None
+    if shape is not None:  # no table: load_stage1 names the missing key
+        rows = shape[0] - num_cls
+        if len(shape) != 2 or rows <= 0 or rows % grid_hw:
+            raise ConfigError(f"config error: model.stage2.init_checkpoint = {s2.init_checkpoint!r}: its {key} "
+                              f"{list(shape)} is not {num_cls} CLS rows + t x {grid_hw} patch rows "
+                              "(model.encoder.num_cls_tokens, data.img_size / patch_size as in Stage 1?)")
+        pos_frames = rows // grid_hw
     return Stage2ModelConfig(num_frames=cfg.data.num_frames, img_size=cfg.data.img_size,
                              encoder=copy.deepcopy(m.encoder), predictor=copy.deepcopy(m.predictor),
                              pos_resample=s2.pos_resample, pos_frames=pos_frames)

@@ -207,9 +207,11 @@ class Stage2Step(Step):
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.model = Stage2Model(stage2_config(cfg))
+        stage1 = load_model_state(cfg.model.stage2.init_checkpoint)  # read once: table shapes, then weights
+        self.model = Stage2Model(stage2_config(cfg, stage1))
         apply_init(self.model, cfg.model.init)  # before the Stage-1 weights are loaded
-        self.model.load_stage1(load_model_state(cfg.model.stage2.init_checkpoint))
+        self.model.load_stage1(stage1)
+        del stage1
         if init_encoder_from(self.model.encoder, cfg.model.init_from):  # the student and its teacher
             self.model.copy_encoder_to_teacher()
         apply_activation_checkpointing(self.model, cfg.model.checkpointing)
