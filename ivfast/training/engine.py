@@ -45,11 +45,18 @@ def init_runtime(cfg: Config) -> Runtime:
 def build_engine(cfg: Config, step, rt: Runtime):
     """``step``'s frozen parts to the device, then the DeepSpeed engine (AdamW, ZeRO per
     ``deepspeed:``) around ``step.model``."""
-    import deepspeed
-
     step.to(rt.device, rt.dtype)
     lr = effective_lr(cfg.train, cfg.data.batch_size, rt.dist.world).lr  # train.lr_scaling applied
     optimizer = build_optimizer(step.model, cfg.train, rt.device, lr=lr)
-    engine, _, _, _ = deepspeed.initialize(model=step.model, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, rt.bf16), dist_init_required=False)
+    return wrap(step.model, optimizer, deepspeed_config(cfg, rt.bf16))
+
+
+def wrap(model: torch.nn.Module, optimizer, ds_config: dict):
+    """The repository's one ``deepspeed.initialize``: ``model`` and ``optimizer`` in a DeepSpeed
+    engine configured by the dict ``ds_config``. The process group must already exist
+    (:func:`init_runtime` starts it), so DeepSpeed never starts its own."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                           dist_init_required=False)
     return engine

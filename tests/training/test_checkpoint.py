@@ -136,6 +136,7 @@ import deepspeed
 importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 deepspeed.init_distributed(dist_backend="gloo")
 from ivfast.training import checkpoint
+from ivfast.training.engine import wrap
 
 ckpt, stage, bf16, out = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "bf16", sys.argv[4]
 dtype = torch.bfloat16 if bf16 else torch.float32
@@ -160,7 +161,7 @@ def engine(seed):
     cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage},
            "zero_allow_untested_optimizer": True, "bf16": {"enabled": bf16}, "steps_per_print": 2**62,
            "checkpoint": {"tag_validation": "Warn"}}
-    return deepspeed.initialize(model=model, optimizer=opt, config=cfg)[0], list(model.state_dict())
+    return wrap(model, opt, cfg), list(model.state_dict())
 
 
 torch.manual_seed(123)
