@@ -34,7 +34,7 @@ train: $(STAMP)
 # collects nothing: for this suite that is a failure, said plainly.
 test: $(TSTAMP)
 	$(VENV)/bin/lint-imports
-	$(PY) -m ivfast.ops.compile_check --no-roofline
+	$(PY) -m ivfast.compile_check --no-roofline
 	@PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is broken"; exit 1; fi; exit $$rc
 

@@ -169,7 +169,7 @@ def write(bound: dict, out_dir: str, date: str) -> tuple[str, str]:
     md_path = os.path.join(out_dir, f"compile-{date}.md")
     js_path = os.path.join(out_dir, f"compile-{date}.json")
     if not os.path.isfile(md_path):
-        raise FileNotFoundError(f"{md_path}: run `python -m ivfast.ops.compile_check --write` first")
+        raise FileNotFoundError(f"{md_path}: run `python -m ivfast.compile_check --write` first")
     begin, end = compile_check.STEP_BEGIN, compile_check.STEP_END
     with open(md_path) as f:
         text = f.read()

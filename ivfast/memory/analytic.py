@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ivfast.config import RELEASE_WAY, Config, with_overrides
+from ivfast.masks.frame import num_visible_per_frame
 from ivfast.memory.params import ParamCounts, count_params
 from ivfast.ops.chunked_loss import chunking_allowed
 
@@ -105,7 +106,7 @@ def shapes(cfg: Config) -> Shapes:
     e, d, t = cfg.model.encoder, cfg.data, cfg.model.teacher
     frames = d.num_frames // e.tubelet_size
     grid = (d.img_size // e.patch_size) ** 2
-    vis = grid - int(grid * cfg.model.mask_ratio)
+    vis = num_visible_per_frame(grid, cfg.model.mask_ratio)
     return Shapes(d.batch_size, frames, grid, frames * vis, frames * (grid - vis), e.num_cls_tokens,
                   (t.img_size // t.patch_size) ** 2)
 

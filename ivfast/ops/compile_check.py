@@ -1,39 +1,32 @@
-"""Every Triton kernel of ivfast.ops compiled ahead of time for sm_80 and sm_90a, no GPU needed.
+"""Every Triton kernel of ivfast.ops compiled ahead of time for sm_80 and sm_90a, no GPU needed:
+the machinery behind ``python -m ivfast.compile_check`` (which reads run configs into
+:class:`StepShapes`; ivfast.ops does not read configs).
 
-    python -m ivfast.ops.compile_check            # ViT-B, ViT-L (paper) and tiny; exit 1 on a failure
-    python -m ivfast.ops.compile_check --write    # + benchmarks/results/compile-<date>.{md,json}
-
-What is compiled: the launches the Stage-1 step makes, found by running the real launchers
-(``ivfast.ops.launch.capture``) on ``meta`` tensors of the step's shapes, planned for an A100
-(108 SMs, sm_80) and an H100 (132 SMs, sm_90a): the same plan functions, tiles, warps, grids and
-argument values (so the same JIT specialisation: i32/i64, ``== 1`` constants, 16-byte
-divisibility) a GPU launch gets. Modes (which dtypes reach each kernel, read off the
+What is compiled: the launches the Stage-1 step makes at a :class:`StepShapes`, found by running
+the real launchers (``ivfast.ops.launch.capture``) on ``meta`` tensors of those shapes, planned
+for an A100 (108 SMs, sm_80) and an H100 (132 SMs, sm_90a): the same plan functions, tiles,
+warps, grids and argument values (so the same JIT specialisation: i32/i64, ``== 1`` constants,
+16-byte divisibility) a GPU launch gets. Modes (which dtypes reach each kernel, read off the
 launchers' dispatch): ``bf16`` (bf16 training: DeepSpeed casts the model, everything bf16),
 ``bf16+fp32 head`` (``model.diffusion.precision: fp32``: q_sample, eps-MSE and the timestep
 embedding in fp32; the adaLN kernels do not launch there, their bf16 parameters meet fp32
 activations so the references run) and ``fp32`` (``train.precision: fp32``, also what CPU runs
-launch). Each config also runs with the fixed sine-cosine positions (``pos_learnable: false``:
-the in-kernel formula of ``ivfast.ops.sincos``).
-
-Shapes: ivfast.ops may not import ``ivfast.config``, so the tool reads the YAML itself
-(:func:`read_config`, the ``base:`` chain as the config loader resolves it) and
-:func:`step_shapes` keeps the few keys that shape a launch, with the dataclasses' defaults
-(``DEFAULTS``); :func:`step_launches` then calls the ops as ``ivfast.models`` does.
-tests/ops/test_compile_check.py checks both against ``ivfast.config`` and against the launches of
-the real Stage-1 model (on ``meta`` at the paper shapes, and a real CPU forward + backward of the
-tiny step under the interpreter).
+launch). Each shape set also runs with the other position mode (``pos_learnable`` flipped: the
+in-kernel sine-cosine formula of ``ivfast.ops.sincos`` or the learnable table).
+:func:`step_launches` calls the ops as ``ivfast.models`` does; tests/ops/test_compile_check.py
+checks its launches against the real Stage-1 model (on ``meta`` at the paper shapes, and a real
+CPU forward + backward of the tiny step under the interpreter).
 
 Per distinct compilation (kernel, specialisation, constexprs, num_warps, target): success,
 registers, spill bytes, shared memory, PTX size, compile time (ptxas ``-v`` through Triton's own
-compile) and occupancy (:func:`occupancy`, :data:`SM_LIMITS`). Exit 1 on a compile error, any
-spill, or a compile slower than ``--max-compile-s`` (10 s). Results are cached as JSON keyed by
-(triton version, the kernel's source hash with its callees, signature, constexprs, attributes,
-options, target) in ``$IVFAST_CACHE_DIR/compile`` (default ``~/.cache/ivfast/compile``): a
-second run compiles nothing.
+compile) and occupancy (:func:`occupancy`, :data:`SM_LIMITS`). :func:`exit_code` is 1 on a
+compile error, any spill, or a compile slower than ``max_compile_s`` (10 s). Results are cached
+as JSON keyed by (triton version, the kernel's source hash with its callees, signature,
+constexprs, attributes, options, target) in ``$IVFAST_CACHE_DIR/compile`` (default
+``~/.cache/ivfast/compile``): a second run compiles nothing.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import functools
@@ -55,64 +48,11 @@ import torch
 from ivfast.ops import adaln, diffusion_noise, dispatch, launch, rmsnorm, timestep_embedding, token_gather
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-DEFAULT_CONFIGS = ("stage1_b_diffusion", "stage1_l_diffusion", "tiny")
 MAX_COMPILE_S = 10.0
 FREQ_DIM = 256  # ivfast.models.diffloss.TimestepEmbedder's frequency_embedding_size (no config key)
-IN_CHANS = 3  # the encoder's input channels (encoder_kwargs: in_chans=3)
-
-# The dataclass defaults of the keys read below (ivfast.config and the model configs);
-# tests/ops/test_compile_check.py compares step_shapes() of each config with the loaded Config's.
-DEFAULTS = {
-    "data": {"batch_size": 16, "num_frames": 16, "img_size": 224},
-    "model": {
-        "recon": "diffusion", "mask_ratio": 0.75, "fused_kernels": True,
-        "encoder": {"width": 768, "depth": 12, "block": "release", "num_cls_tokens": 4, "patch_size": 14,
-                    "tubelet_size": 1, "pos_learnable": True},
-        "predictor": {"width": 1024},
-        "diffusion": {"width": 1536, "depth": 6, "num_timesteps": 1000, "learn_sigma": True, "batch_mul": 1,
-                      "precision": "auto", "chunk_rows": 8192, "reconstruction_ratio": 1.0},
-    },
-    "deepspeed": {"zero_stage": 1},
-}
 
 
 # =========================================================================== shapes
-def resolve_config(name: str) -> str:
-    """A config file: ``name`` as a path, else the packaged config of that name (``ivfast/configs``)."""
-    if os.path.isfile(name):
-        return name
-    stem = name[len("configs/"):] if name.startswith("configs/") else name
-    for cand in (stem, stem + ".yaml"):
-        full = os.path.join(CONFIG_DIR, cand)
-        if os.path.isfile(full):
-            return full
-    raise FileNotFoundError(f"config not found: {name} (nor in {CONFIG_DIR})")
-
-
-def _deep_update(dst: dict, src: dict) -> dict:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _deep_update(dst[k], v)
-        else:
-            dst[k] = v
-    return dst
-
-
-def read_config(name: str) -> dict:
-    """The config file's mapping with its ``base:`` chain merged (as ``ivfast.config`` merges it)."""
-    import yaml
-
-    path = resolve_config(name)
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    beside = os.path.join(os.path.dirname(path), str(base))
-    return _deep_update(read_config(beside if os.path.isfile(beside) else str(base)), data)
-
-
 @dataclass(frozen=True)
 class StepShapes:
     """What shapes the Stage-1 step's kernel launches (one config)."""
@@ -148,29 +88,6 @@ class StepShapes:
     @property
     def diffusion_rows(self) -> int:
         return self.batch * self.batch_mul * self.recon_rows
-
-
-def step_shapes(cfg: dict, name: str) -> StepShapes:
-    """:class:`StepShapes` of a config mapping (:func:`read_config`, or ``ivfast.config.to_dict``)."""
-    cfg = _deep_update(json.loads(json.dumps(DEFAULTS)), json.loads(json.dumps(cfg)))
-    d, m = cfg["data"], cfg["model"]
-    e, p, df = m["encoder"], m["predictor"], m["diffusion"]
-    t = d["num_frames"] // e["tubelet_size"]
-    h = w = d["img_size"] // e["patch_size"]
-    per_frame = h * w
-    vis = per_frame - int(per_frame * m["mask_ratio"])  # ivfast.masks: L - int(L * ratio) per frame
-    masked = t * (per_frame - vis)
-    ratio = float(df["reconstruction_ratio"])
-    recon_rows = masked if ratio >= 1.0 else max(1, round(ratio * masked))
-    chunk = int(df["chunk_rows"]) if int(cfg["deepspeed"]["zero_stage"]) < 3 else 0
-    return StepShapes(
-        name=name, batch=d["batch_size"], grid=(t, h, w), visible=t * vis, masked=masked, recon_rows=recon_rows,
-        num_cls=e["num_cls_tokens"], enc_width=e["width"], enc_depth=e["depth"],
-        release_blocks=e["block"] == "release", pos_learnable=bool(e["pos_learnable"]),
-        patch_dim=IN_CHANS * e["tubelet_size"] * e["patch_size"] ** 2, recon=m["recon"], pred_width=p["width"],
-        diff_width=df["width"], diff_depth=df["depth"], learn_sigma=bool(df["learn_sigma"]),
-        batch_mul=df["batch_mul"], num_timesteps=df["num_timesteps"], head_precision=df["precision"],
-        chunk_rows=chunk, fused=bool(m["fused_kernels"]))
 
 
 @dataclass(frozen=True)
@@ -444,13 +361,13 @@ def specialise(rec: launch.Captured, arch: int) -> tuple:
     return signature, constexprs, attrs, dict(options.__dict__)
 
 
-def collect_units(configs, modes=MODES, archs=(80, 90), variants=True) -> tuple[list, dict]:
-    """Distinct compilations of every launch of ``configs`` x ``modes`` (+ the fixed-position
-    variant) x ``archs``, each with its uses; and the launches per (config, mode, target name)."""
+def collect_units(shapes: list, modes=MODES, archs=(80, 90), variants=True) -> tuple[list, dict]:
+    """Distinct compilations of every launch of ``shapes`` (:class:`StepShapes`, one per config)
+    x ``modes`` (+ the other position mode) x ``archs``, each with its uses; and the launches per
+    (shapes name, mode, target name)."""
     units: dict = {}
     launches: dict = {}
-    for cfg_name in configs:
-        base = step_shapes(read_config(cfg_name), os.path.splitext(os.path.basename(cfg_name))[0])
+    for base in shapes:
         shape_sets = [base]
         if variants:
             shape_sets.append(replace(base, name=base.name + " [pos fixed]", pos_learnable=not base.pos_learnable))
@@ -733,25 +650,26 @@ def dump_json(report: dict, path: str) -> None:
         f.write(body.replace('"@ROWS@"', "[\n" + lines + "\n ]") + "\n")
 
 
-def run(configs=DEFAULT_CONFIGS, *, jobs: int = 2, cache: Optional[str] = None, archs=(80, 90),
+def run(shapes: list, *, jobs: int = 2, cache: Optional[str] = None, archs=(80, 90),
         max_compile_s: float = MAX_COMPILE_S, kernels: Optional[str] = None, log=print) -> dict:
-    """Derive, compile (cached) and report; the report as a dict (``rows``, ``summary``, ...)."""
+    """Derive the launches of ``shapes`` (:class:`StepShapes`), compile them (cached) and report;
+    the report as a dict (``rows``, ``summary``, ...)."""
     import triton
 
     t0 = time.perf_counter()
-    units, launches = collect_units(configs, archs=archs)
+    units, launches = collect_units(shapes, archs=archs)
     if kernels:
         units = [u for u in units if kernels in u.name]
     derive_s = time.perf_counter() - t0
     results = compile_all(units, jobs=jobs, cache=cache, log=log)
     rows = build_rows(units, results, max_compile_s)
-    shapes = {os.path.splitext(os.path.basename(c))[0]: asdict(step_shapes(read_config(c), c)) for c in configs}
     return {
         "date": datetime.date.today().isoformat(), "commit": _git("rev-parse", "HEAD"),
         "working_tree_modified": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "triton": triton.__version__, "torch": torch.__version__.split("+")[0], "python": sys.version.split()[0],
         "targets": {a: SM_LIMITS[a].name for a in archs}, "modes": [m.name for m in MODES],
-        "configs": list(configs), "shapes": shapes, "sm_limits": {a: asdict(SM_LIMITS[a]) for a in archs},
+        "configs": [x.name for x in shapes], "shapes": {x.name: asdict(x) for x in shapes},
+        "sm_limits": {a: asdict(SM_LIMITS[a]) for a in archs},
         "max_compile_s": max_compile_s, "derive_s": round(derive_s, 2),
         "wall_s": round(time.perf_counter() - t0, 2), "rows": rows, "summary": summary(rows),
         "_launches": launches,
@@ -762,7 +680,7 @@ def markdown(report: dict, roofline_md: str = "") -> str:
     s = report["summary"]
     lines = [
         f"# Kernels compiled ahead of time ({report['date']})", "",
-        f"`python -m ivfast.ops.compile_check --write` at commit `{report['commit'][:12]}`"
+        f"`python -m ivfast.compile_check --write` at commit `{report['commit'][:12]}`"
         f"{' (working tree modified)' if report['working_tree_modified'] else ''}: triton {report['triton']}, "
         f"torch {report['torch']}, no GPU (Triton's bundled ptxas). Device-independent: the same on any machine "
         "with these versions.", "",
@@ -795,59 +713,3 @@ def markdown(report: dict, roofline_md: str = "") -> str:
         lines += [roofline_md, ""]
     lines += ["## Step lower bound", "", STEP_BEGIN, STEP_END, ""]
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ivfast.ops.compile_check", description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="config names or paths")
-    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
-    ap.add_argument("--no-cache", action="store_true", help="compile everything, read and write no cache")
-    ap.add_argument("--cache-dir", default=None, help=f"default {cache_dir()}")
-    ap.add_argument("--arch", nargs="+", type=int, default=[80, 90], choices=[80, 90])
-    ap.add_argument("--kernels", default=None, help="only kernels whose name contains this")
-    ap.add_argument("--max-compile-s", type=float, default=MAX_COMPILE_S)
-    ap.add_argument("--no-roofline", action="store_true", help="skip the per-kernel roofline")
-    ap.add_argument("--table", action="store_true", help="print every build (default: problems and a summary)")
-    ap.add_argument("--write", action="store_true", help="write benchmarks/results/compile-<date>.{md,json}")
-    ap.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
-    args = ap.parse_args(argv)
-    if dispatch.interpreting():  # the kernels must be real JIT functions: run again without the interpreter
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.run([sys.executable, "-m", "ivfast.ops.compile_check", *(argv if argv is not None
-                                                                                    else sys.argv[1:])],
-                              env=env).returncode
-    cache = None if args.no_cache else (args.cache_dir or cache_dir())
-    report = run(args.configs, jobs=args.jobs, cache=cache, archs=tuple(args.arch),
-                 max_compile_s=args.max_compile_s, kernels=args.kernels)
-    launches = report.pop("_launches")
-    rows = report["rows"]
-    if args.table or args.write:
-        print(table(rows))
-    bad = [r for r in rows if r["problems"]]
-    for r in bad:
-        print(f"PROBLEM {r['kernel']} {r['dtype']} sm_{r['arch']} {r['tiles']} {r['flags']}: "
-              + "; ".join(r["problems"]))
-    s = report["summary"]
-    print(json.dumps(s, indent=1))
-    cached = sum(1 for r in rows if r.get("cached"))
-    print(f"{s['builds']} builds ({cached} cached) of {s['kernels']} kernels in {report['wall_s']:.1f} s "
-          f"(derivation {report['derive_s']:.1f} s); {len(bad)} with problems")
-    roof_md = ""
-    if not args.no_roofline:
-        from ivfast.ops import roofline
-
-        paper = [c for c in args.configs if os.path.basename(c).startswith("stage1_")]
-        roof = roofline.kernel_table({name: recs for name, recs in launches.items()
-                                      if name[0] in [os.path.splitext(os.path.basename(c))[0] for c in paper]
-                                      and name[1] == "bf16"})
-        report["roofline"] = roof["json"]
-        roof_md = roof["markdown"]
-        print(roof_md)
-    if args.write:
-        md, js = write_results(report, markdown(report, roof_md), args.out_dir, report["date"])
-        print(f"wrote {md} and {js}")
-    return exit_code(rows)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

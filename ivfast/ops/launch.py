@@ -4,7 +4,7 @@
 False under Triton's interpreter, where every program costs ~1-2 ms, so the choice there is
 few, large programs. The GPU tiles aim at ~4-8 float32 elements per thread, so that the kernels
 compile without register spills; the adaLN elementwise and LayerNorm-backward tiles hold 16-32
-(no spill, 8-16 resident warps per SM). ``python -m ivfast.ops.compile_check`` compiles every
+(no spill, 8-16 resident warps per SM). ``python -m ivfast.compile_check`` compiles every
 one of them for sm_80 and sm_90a and reports ptxas' figures (docs/design.md, "Tiles").
 
 Every launcher goes through one pure function per kernel, beside it in its op's file

@@ -1,4 +1,5 @@
-"""ivfast.ops.compile_check and ivfast.ops.roofline: the launches the tool compiles are the ones the
+"""ivfast.ops.compile_check (with its CLI, ivfast.compile_check) and ivfast.ops.roofline: the
+launches the tool compiles are the ones the
 real launchers make (same plan functions, same shapes as the model), the kernels build for
 sm_80 and sm_90a with Triton's ptxas, the exit logic catches spills and slow compiles, the
 occupancy and roofline arithmetic match hand-computed values."""
@@ -14,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ivfast.ops import adaln, diffusion_noise, dispatch, launch, rmsnorm, roofline, timestep_embedding, token_gather
+from ivfast.compile_check import config_shapes
 from ivfast.ops import compile_check as CC
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,26 +44,34 @@ def _compiled_python(code: str, timeout: int = 300) -> subprocess.CompletedProce
 
 # ----------------------------------------------------------------------------- shapes from the configs
 @pytest.mark.parametrize("name", PAPER + ("tiny",))
-def test_step_shapes_read_the_configs_as_the_loader_does(name):
-    """The YAML the tool reads (with its own defaults) gives the shapes the loaded Config gives."""
-    from ivfast.config import load_config, to_dict
+def test_step_shapes_agree_with_the_memory_model(name):
+    """The tool's token counts are the memory model's for the same loaded config."""
+    from ivfast.config import load_config
     from ivfast.memory.analytic import shapes
 
-    cfg = load_config(name)
-    mine = CC.step_shapes(CC.read_config(name), name)
-    assert mine == CC.step_shapes(to_dict(cfg), name)
-    ref = shapes(cfg)
+    mine, ref = config_shapes(name), shapes(load_config(name))
     assert (mine.batch, mine.visible, mine.masked, mine.num_cls) == (ref.batch, ref.visible, ref.masked, ref.cls)
     assert mine.grid[0] * mine.grid[1] * mine.grid[2] == ref.frames * ref.grid
+
+
+def test_step_shapes_follow_zero3_and_overrides():
+    """Under ZeRO-3 the head runs unchunked (chunk 0); overrides reach the shapes."""
+    from ivfast.compile_check import step_shapes
+    from ivfast.config import load_config
+
+    cfg = load_config("stage1_b_diffusion", ["deepspeed.zero_stage=3", "model.mask_ratio=0.5",
+                                             "model.diffusion.reconstruction_ratio=0.25"])
+    s = step_shapes(cfg, "z3")
+    assert (s.chunk_rows, s.visible, s.masked, s.recon_rows) == (0, 16 * 128, 16 * 128, 512)
 
 
 def test_paper_shapes():
     """ViT-B: 16 clips x 16 frames of 16 x 16 tokens, 52 visible per frame (832 per clip), the
     diffusion head over the 52,224 masked tokens in chunks of 8192 rows, 588 channels."""
-    s = CC.step_shapes(CC.read_config("stage1_b_diffusion"), "b")
+    s = config_shapes("stage1_b_diffusion")
     assert (s.batch, s.grid, s.visible, s.masked, s.patch_dim) == (16, (16, 16, 16), 832, 3264, 588)
     assert (s.diffusion_rows, s.diff_width, s.chunk_rows, s.enc_width) == (52224, 1536, 8192, 768)
-    assert CC.step_shapes(CC.read_config("stage1_l_diffusion"), "l").enc_width == 1024
+    assert config_shapes("stage1_l_diffusion").enc_width == 1024
 
 
 def test_occupancy_by_hand():
@@ -151,7 +161,7 @@ def test_plans_come_from_the_plan_functions():
     }
     seen = set()
     for name in PAPER + ("tiny",):
-        s = CC.step_shapes(CC.read_config(name), name)
+        s = config_shapes(name)
         for shapes in (s, CC.replace(s, pos_learnable=not s.pos_learnable)):
             for target in launch.GPU_TARGETS:
                 for rec in CC.step_launches(shapes, CC.MODES[0], target):
@@ -168,7 +178,7 @@ def test_launches_are_the_real_models(name):
     argument values, dtypes and strides, as often; in every mode."""
     from benchmarks.roofline import model_launches
 
-    s = CC.step_shapes(CC.read_config(name), name)
+    s = config_shapes(name)
     modes = CC.MODES if name != "stage1_l_diffusion" else CC.MODES[:2]
     for mode in modes:
         real = model_launches(name, mode, launch.H100)
@@ -195,7 +205,7 @@ def test_launches_of_a_real_tiny_step():
         out = step.model(*step.prepare(video, rng))
         out["loss"].backward()
     assert torch.isfinite(out["loss"])
-    mine = CC.step_launches(CC.step_shapes(CC.read_config("tiny"), "tiny"), CC.MODES[2], launch.INTERPRETER)
+    mine = CC.step_launches(config_shapes("tiny"), CC.MODES[2], launch.INTERPRETER)
     assert len(real) == len(mine) == 58 and _keys(real) == _keys(mine)
 
 
@@ -216,7 +226,7 @@ def test_roofline_bytes_by_hand():
     """gated_fwd over a ViT-B head chunk (8192 x 1536 bf16): x, gate, h read, out written, 2 bytes
     each: 8 x 8192 x 1536 bytes, 30.0 us at 3.35 TB/s; q_sample draws on its 4 x 128 tiles (640
     padded columns of 588)."""
-    s = CC.step_shapes(CC.read_config("stage1_b_diffusion"), "b")
+    s = config_shapes("stage1_b_diffusion")
     recs = CC.step_launches(s, CC.MODES[0], launch.H100)
     gated = next(r for r in recs if r.name == "adaln.gated_fwd" and r.args[4] == 8192)
     w = roofline.work(gated)
@@ -270,7 +280,7 @@ def test_a_spilling_kernel_fails_the_check():
 def test_kernels_compile_for_sm80_and_sm90a():
     """The tool itself, for the tiny config's gated-residual kernels: builds for sm_80 and sm_90a,
     registers reported, no spills, exit 0 (read from the compile cache when `make test` ran it)."""
-    res = _compiled_python("import sys; from ivfast.ops.compile_check import main; "
+    res = _compiled_python("import sys; from ivfast.compile_check import main; "
                            "sys.exit(main(['--configs', 'tiny', '--kernels', 'adaln.gated', '--no-roofline', "
                            "'--table']))")
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
