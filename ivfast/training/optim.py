@@ -111,12 +111,6 @@ def scheduled_lr(step: int, total_steps: int, warmup_steps: int, lr: float, min_
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float,
-              warmup_lr: float = 0.0) -> float:
-    """:func:`scheduled_lr` as a multiplier of ``lr``."""
-    return scheduled_lr(step, total_steps, warmup_steps, lr, min_lr, warmup_lr) / lr
-
-
 @dataclass(frozen=True)
 class LRSchedule:
     """The learning rate as a pure function of the optimiser step: nothing to save or restore.

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ivfast.training.optim import LRSchedule, lr_factor, param_groups
+from ivfast.training.optim import LRSchedule, param_groups
 
 
 def test_schedule_warmup_then_cosine():
@@ -22,7 +22,8 @@ def test_schedule_warmup_then_cosine():
 
 
 def test_no_warmup():
-    assert lr_factor(0, 100, 0, 1e-4, 0.0) == 1.0
+    s = LRSchedule(base_lr=1e-4, min_lr=0.0, total_steps=100, warmup_steps=0)
+    assert s.lr(0) == 1e-4 and s.lr(100) == 0.0
 
 
 def test_weight_decay_excludes_biases_norms_positions_tokens():
