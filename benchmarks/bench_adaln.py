@@ -40,6 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import harness  # noqa: E402
+from ivfast.memory.saved_tensors import saved_bytes  # noqa: E402
 from ivfast.ops import adaln  # noqa: E402
 from ivfast.ops.dispatch import interpreting, use_triton  # noqa: E402
 
@@ -210,19 +211,8 @@ def _time_row(scope, impl, mode, med, mean, backend, error=None):
 
 # --------------------------------------------------------------------------- saved bytes
 def _saved_storage_bytes(fn, params):
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    kept, tensor_bytes = {}, [0]
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.nbytes() and st.data_ptr() not in skip:
-            kept[st.data_ptr()] = st.nbytes()
-            tensor_bytes[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(kept.values()), tensor_bytes[0], out
+    saved, out = saved_bytes(fn, params=params)
+    return saved.total, saved.tensors, out
 
 
 @pytest.mark.parametrize("impl", IMPLS)

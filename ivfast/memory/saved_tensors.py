@@ -21,10 +21,13 @@ import torch.nn as nn
 @dataclass
 class SavedBytes:
     """``total``: deduplicated saved bytes; ``by_component``: the same split by component
-    (a storage counts for the component that first saved it)."""
+    (a storage counts for the component that first saved it); ``tensors``: the saved tensors'
+    own sizes (numel x element size), each save counted, views by their elements: ``tensors``
+    below ``total`` means saved views keep larger storages alive."""
 
     total: int = 0
     by_component: dict[str, int] = field(default_factory=dict)
+    tensors: int = 0
 
 
 class _Recorder:
@@ -37,6 +40,8 @@ class _Recorder:
     def pack(self, t: torch.Tensor):
         s = t.untyped_storage()
         ptr = s.data_ptr()
+        if ptr and ptr not in self.skip:
+            self.result.tensors += t.numel() * t.element_size()
         if ptr and ptr not in self.skip and ptr not in self.seen:
             self.seen[ptr] = s.nbytes()
             comp = self.stack[-1]

@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ivfast.memory.saved_tensors import saved_bytes as measure_saved
 from ivfast.ops.dispatch import interpreting
 from tests.support import assert_close_to_ref
 
@@ -96,18 +97,7 @@ class NoLaunch:
 
 
 def saved_bytes(fn: Callable, exclude: Sequence[torch.Tensor] = ()) -> int:
-    """Bytes ``fn()`` keeps for backward: the distinct storages of the tensors autograd saves
-    (a saved view keeps its whole storage alive), those of ``exclude`` (parameters, live inputs)
-    not counted."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    kept = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.nbytes() and st.data_ptr() not in skip:
-            kept[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(kept.values())
+    """Bytes ``fn()`` keeps for backward (:func:`ivfast.memory.saved_tensors.saved_bytes`:
+    distinct storages of the saved tensors, a saved view counting its whole storage), those of
+    ``exclude`` (parameters, live inputs) not counted."""
+    return measure_saved(fn, exclude=exclude)[0].total
