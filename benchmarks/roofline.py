@@ -78,15 +78,14 @@ def build_meta_step(config: str, overrides=()):
 def meta_inputs(cfg, step, dtype: torch.dtype):
     """The arguments of ``Stage1Model.forward`` on ``meta``, shaped as ``Stage1Step.prepare``
     shapes them (the mask keeps L - int(L * ratio) tokens per frame: ``ivfast.memory.analytic``)."""
+    from ivfast.masks import num_reconstructed
     from ivfast.memory.analytic import shapes
     from ivfast.training.step import Stage1Inputs
 
     s = shapes(cfg)
     b, d, m = s.batch, cfg.data, cfg.model
     meta = dict(device="meta")
-    recon = masked = s.masked
-    if m.diffusion.reconstruction_ratio < 1.0:
-        recon = max(1, round(m.diffusion.reconstruction_ratio * masked))
+    recon = num_reconstructed(s.masked, m.diffusion.reconstruction_ratio)
     rows = b * m.diffusion.batch_mul * recon
     tw = m.teacher.width
     return Stage1Inputs(

@@ -18,12 +18,11 @@ import os
 import subprocess
 import sys
 
-from ivfast.config import Config, load_config
-from ivfast.masks.frame import num_visible_per_frame
+from ivfast.config import Config, chunking_allowed, load_config
+from ivfast.masks import num_reconstructed, num_visible_per_frame
 from ivfast.models.encoder import encoder_kwargs
 from ivfast.ops import dispatch
 from ivfast.ops import compile_check as CC
-from ivfast.ops.chunked_loss import chunking_allowed
 
 DEFAULT_CONFIGS = ("stage1_b_diffusion", "stage1_l_diffusion", "tiny")
 
@@ -31,7 +30,7 @@ DEFAULT_CONFIGS = ("stage1_b_diffusion", "stage1_l_diffusion", "tiny")
 def step_shapes(cfg: Config, name: str) -> CC.StepShapes:
     """The launch-shaping numbers of ``cfg``'s Stage-1 step: the token grid, the visible and
     masked tokens per clip (the frame mask keeps ``L - int(L * ratio)`` of each frame's ``L``),
-    the diffusion head's rows (``reconstruction_ratio`` of the masked tokens, at least 1) and
+    the diffusion head's rows (``masks.num_reconstructed``) and
     its chunk (0 where the chunked loss cannot run: ZeRO-3)."""
     d, m = cfg.data, cfg.model
     e, df = m.encoder, m.diffusion
@@ -39,8 +38,7 @@ def step_shapes(cfg: Config, name: str) -> CC.StepShapes:
     h = w = d.img_size // e.patch_size
     vis = num_visible_per_frame(h * w, m.mask_ratio)
     masked = t * (h * w - vis)
-    ratio = float(df.reconstruction_ratio)
-    recon_rows = masked if ratio >= 1.0 else max(1, round(ratio * masked))
+    recon_rows = num_reconstructed(masked, float(df.reconstruction_ratio))
     in_chans = encoder_kwargs(e, num_frames=d.num_frames, img_size=d.img_size)["in_chans"]
     return CC.StepShapes(
         name=name, batch=d.batch_size, grid=(t, h, w), visible=t * vis, masked=masked, recon_rows=recon_rows,

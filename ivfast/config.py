@@ -424,6 +424,15 @@ RELEASE_WAY = ["model.fused_kernels=false", "model.lean_saves=false", "model.che
                "model.teacher.attention=math", "deepspeed.reduce_bucket_size=500000000"]
 
 
+def chunking_allowed(zero_stage: int) -> bool:
+    """Whether ``model.diffusion.chunk_rows`` can take effect under ``deepspeed.zero_stage``: not
+    under ZeRO-3, whose parameter gathering and gradient partitioning hooks would be bypassed
+    by the ``torch.autograd.grad`` the chunked loss runs inside the forward
+    (:mod:`ivfast.ops.chunked_loss`). The step builder switches chunking off there; the memory
+    model and the compile check count the head as it then runs."""
+    return zero_stage < 3
+
+
 def stage1_config(cfg: Config) -> Stage1Config:
     """The Stage-1 model's own config, from the run config."""
     m = cfg.model

@@ -7,6 +7,12 @@ from dataclasses import dataclass
 import torch
 
 
+def num_reconstructed(masked: int, ratio: float) -> int:
+    """Masked tokens per clip the reconstruction loss sees at ``reconstruction_ratio`` ``ratio``:
+    all of them at ratio >= 1, else round(ratio * masked), at least 1."""
+    return masked if ratio >= 1.0 else max(1, round(ratio * masked))
+
+
 @dataclass
 class MaskInfo:
     """A batch of masks over N tokens.

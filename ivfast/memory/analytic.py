@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ivfast.config import RELEASE_WAY, Config, with_overrides
-from ivfast.masks.frame import num_visible_per_frame
+from ivfast.config import RELEASE_WAY, Config, chunking_allowed, with_overrides
+from ivfast.masks import num_reconstructed, num_visible_per_frame
 from ivfast.memory.params import ParamCounts, count_params
-from ivfast.ops.chunked_loss import chunking_allowed
 
 ASSUMPTIONS = """Two ways:
 
@@ -333,7 +332,7 @@ def estimate(cfg: Config, way: Way, zero_stage: int | None = None, world: int = 
             acts["linear head"] = (a * p.width + 2 * a * c) * B * s.masked
         else:
             dcfg = m.diffusion
-            rows = B * s.masked * dcfg.batch_mul * way.reconstruction_ratio
+            rows = B * num_reconstructed(s.masked, way.reconstruction_ratio) * dcfg.batch_mul
             d, head_params = way.diffusion_bytes, params.trainable.get("diffusion head", 0)
             weight_copies = head_params * (d - a) if d > a else 0  # fp32 copies of bf16 weights (fp32 head)
             parts = diffusion_head_rows(cfg, way, chunked=bool(chunk))

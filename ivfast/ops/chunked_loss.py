@@ -23,7 +23,8 @@ What the chunks save for their own backward is freed at the end of the chunk; it
 identity ``saved_tensors_hooks``, so an outer hook (offloading, saved-tensor measurement)
 sees only what this Function keeps. Not for DeepSpeed ZeRO-3: its parameters are gathered by
 module hooks and their gradients partitioned by hooks that do not expect
-``torch.autograd.grad`` inside the forward (the trainer switches chunking off there). A
+``torch.autograd.grad`` inside the forward (``ivfast.config.chunking_allowed``: the step
+builder switches chunking off there). A
 target, t or seeds that needs a gradient is not supported (they get none).
 """
 from __future__ import annotations
@@ -31,13 +32,6 @@ from __future__ import annotations
 from typing import Callable, Dict, Sequence
 
 import torch
-
-
-def chunking_allowed(zero_stage: int) -> bool:
-    """Whether a chunked loss can run under DeepSpeed ``zero_stage``: not under ZeRO-3, whose
-    parameter gathering and gradient partitioning hooks ``torch.autograd.grad`` in the forward
-    would bypass (the trainer and the memory model both follow this)."""
-    return zero_stage < 3
 
 
 def _same(t):

@@ -16,9 +16,9 @@ from typing import NamedTuple, Optional
 import torch
 
 from ivfast.checkpoint_io import load_model_state
-from ivfast.config import Config, stage1_config, stage2_config
+from ivfast.config import Config, chunking_allowed, stage1_config, stage2_config
 from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ivfast.masks import MaskInfo, multiblock_masks, semantic_mask, tube_mask
+from ivfast.masks import MaskInfo, multiblock_masks, num_reconstructed, semantic_mask, tube_mask
 from ivfast.models.init import apply_init
 from ivfast.models.layers import count_parameters
 from ivfast.models.pretrained import load_encoder_weights
@@ -27,7 +27,6 @@ from ivfast.models.stage2 import Stage2Model
 from ivfast.models.teacher import SigLIPTeacher, TeacherOutput, prepare_teacher_input, teacher_return_layers
 from ivfast.models.weights import load_modernbert_predictor, load_siglip_teacher
 from ivfast.ops.attention import use_backend
-from ivfast.ops.chunked_loss import chunking_allowed
 from ivfast.ops.diffusion_noise import row_seeds
 from ivfast.rng import SampleRNG
 from ivfast.training.activation_checkpoint import apply_activation_checkpointing
@@ -110,11 +109,11 @@ def draw_views(cfg: Config, rng: SampleRNG, grid: tuple[int, int, int]) -> list[
 
 def reconstruction_subset(masked_idx: torch.Tensor, ratio: float, rng: SampleRNG) -> torch.Tensor:
     """The masked tokens the diffusion loss sees: all (ratio 1, nothing drawn), or per sample
-    round(ratio * N_mask) of them (at least 1) from its ``diffusion_subset`` stream, ascending."""
+    :func:`~ivfast.masks.num_reconstructed` of them from its ``diffusion_subset`` stream, ascending."""
     if ratio >= 1.0:
         return masked_idx
     m = masked_idx.shape[1]
-    keep = max(1, round(ratio * m))
+    keep = num_reconstructed(m, ratio)
     scores = rng.rand("diffusion_subset", m)  # (B, N_mask): a random permutation per sample
     chosen = scores.argsort(dim=1)[:, :keep].sort(dim=1).values.to(masked_idx.device)
     return masked_idx.gather(1, chosen)

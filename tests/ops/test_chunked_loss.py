@@ -3,7 +3,7 @@ equal plain autograd, and only the gradients are kept for backward."""
 import pytest
 import torch
 
-from ivfast.ops.chunked_loss import chunked_row_loss, chunking_allowed
+from ivfast.ops.chunked_loss import chunked_row_loss
 from tests.ops.common import randn, saved_bytes
 
 M, Z, C = 19, 8, 5
@@ -52,7 +52,3 @@ def test_only_the_gradients_are_kept():
     kept = saved_bytes(lambda: chunked_row_loss(loss_fn(params), z, target, t, seeds, params, 4),
                        exclude=[z, target, *params])
     assert kept == z.nbytes + sum(p.numel() * 4 for p in params)  # grad z, float32 parameter gradients
-
-
-def test_chunking_allowed():
-    assert chunking_allowed(0) and chunking_allowed(2) and not chunking_allowed(3)

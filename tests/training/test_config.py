@@ -5,7 +5,7 @@ import os
 import pytest
 import yaml
 
-from ivfast.config import Config, ConfigError, load_config, save_config, to_dict
+from ivfast.config import Config, ConfigError, chunking_allowed, load_config, save_config, to_dict
 from tests.support import ROOT  # noqa: E402
 
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -96,3 +96,7 @@ def test_bad_yaml_file_keys(tmp_path):
         load_config(str(p))
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_chunking_allowed_below_zero3_only():
+    assert chunking_allowed(0) and chunking_allowed(2) and not chunking_allowed(3)
