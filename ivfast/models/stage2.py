@@ -109,9 +109,9 @@ class Stage2Model(nn.Module):
         pairs = []
         for name, tp in self.teacher.named_parameters():
             sp = student[name]
-            if hasattr(tp, "ds_tensor") or hasattr(sp, "ds_tensor"):
-                raise RuntimeError("an EMA teacher needs whole parameters: use deepspeed.zero_stage 0-2, "
-                                   "or model.stage2.teacher_momentum=1.0 (a frozen teacher)")
+            if tp.shape != sp.shape or tp.numel() == 0:  # a sharded parameter keeps an empty local tensor
+                raise RuntimeError(f"an EMA teacher needs whole parameters; {name} is {tuple(tp.shape)} in the "
+                                   f"teacher and {tuple(sp.shape)} in the student (sharded?)")
             pairs.append((tp, sp))
         return pairs
 

@@ -123,6 +123,10 @@ def test_ema_moves_the_teacher_towards_the_student(stage1_state, stage1_file):
     for k, v in model.teacher.state_dict().items():
         assert torch.allclose(v, 0.75 * t0[k] + 0.25 * s[k], atol=1e-6), k
     assert not any(p.requires_grad for p in model.teacher.parameters())
+    name, p = next(iter(model.encoder.named_parameters()))
+    p.data = p.data.new_empty(0)  # what a sharded (ZeRO-3) parameter keeps locally
+    with pytest.raises(RuntimeError, match=f"EMA teacher needs whole parameters; {name}"):
+        model.update_teacher(0.75)
 
 
 def test_load_stage1_interpolates_4_to_8_frames_and_copies_into_the_teacher(stage1_state, stage1_file):
