@@ -1,6 +1,7 @@
 """Helpers shared by the test folders: subprocess environments and the kernel tolerance rule."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -90,3 +91,19 @@ def step_metrics(out: str) -> list[dict]:
             rec = json.loads(line)
             by_step[rec["step"]] = rec
     return [by_step[s] for s in sorted(by_step)]
+
+
+# What reading a tensor back on the host goes through (a GPU sync when the tensor is on a GPU).
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")
+
+
+@contextlib.contextmanager
+def no_host_reads(monkeypatch):
+    """Inside the block, any :data:`HOST_READS` of a tensor fails the test."""
+    def refuse(*a, **k):
+        raise AssertionError("a tensor was read back on the host")
+
+    with monkeypatch.context() as m:
+        for name in HOST_READS:
+            m.setattr(torch.Tensor, name, refuse)
+        yield

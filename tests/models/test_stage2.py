@@ -15,7 +15,7 @@ from ivfast.models.predictor import predict_masked
 from ivfast.rng import SampleRNG
 from ivfast.training.optim import build_optimizer
 from ivfast.training.step import draw_views
-from tests.support import ROOT, stage1_model, stage2_model
+from tests.support import ROOT, no_host_reads, stage1_model, stage2_model
 
 
 def cfg_of(name, *overrides):
@@ -74,6 +74,16 @@ def test_forward_shapes_and_finite_losses(stage1_state, stage1_file):
     targets = model.teacher_targets(model.encoder.patchify(video), model.encoder.grid)
     assert targets.shape == (2, 8 * 16, 64)
     assert torch.allclose(targets.norm(dim=-1), torch.ones(2, 128), atol=1e-5)
+
+
+def test_the_forward_never_waits_on_the_host(stage1_state, stage1_file, monkeypatch):
+    """Masks are drawn before the call (Stage2Step.prepare): the forward, the teacher's targets
+    included, reads no tensor back on the host."""
+    cfg, model = tiny_stage2(stage1_state, stage1_file)
+    video, args = batch(cfg, model)
+    with no_host_reads(monkeypatch):
+        out = model(video, *args)
+    out["loss"].backward()
 
 
 def test_masks_of_the_config(stage1_state, stage1_file):
