@@ -32,10 +32,11 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from tests.release_stubs import RELEASE_ENV, build_release_encoder, load_release_module, release_root  # noqa: E402
 
 OUT = os.path.join(ROOT, "tests", "fixtures", "release")
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the release's input normalisation (ImageNet)
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD  # the release's input normalisation
 # Small enough for the repository (< 300 KB in all); the fixture's own sizes, not the TINY of the parity test.
 CONFIG = dict(img_size=56, patch_size=14, num_frames=4, tubelet_size=1, embed_dim=32, depth=2, num_heads=4,
               mlp_ratio=4.0, cls_token_num=4, attn_pool_num_heads=4, clip_embed_dim=16, init_values=0.1,

@@ -62,11 +62,8 @@ def test_strided_input_and_weight_and_deterministic_backward():
 
 def test_only_some_gradients_and_empty_rows():
     x, w, _ = args((4, 40), torch.float32, seed=16)
-    (dw,) = torch.autograd.grad(R.rmsnorm(x.detach(), w).sum(), [w])
-    (dw_ref,) = torch.autograd.grad(R.rmsnorm_ref(x.detach(), w).sum(), [w])
-    torch.testing.assert_close(dw, dw_ref)
-    (dx,) = torch.autograd.grad(R.rmsnorm(x, w.detach()).sum(), [x])
-    torch.testing.assert_close(dx, torch.autograd.grad(R.rmsnorm_ref(x, w.detach()).sum(), [x])[0])
+    check_op(R.rmsnorm, R.rmsnorm_ref, [x.detach(), w, 1e-6], truth=truth, what="weight gradient only")
+    check_op(R.rmsnorm, R.rmsnorm_ref, [x, w.detach(), 1e-6], truth=truth, what="input gradient only")
     empty = torch.zeros(0, 40, device=DEVICE, requires_grad=True)
     y = R.rmsnorm(empty, w)
     assert y.shape == (0, 40)
