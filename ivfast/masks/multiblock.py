@@ -15,7 +15,7 @@ of ``a = height / width``:
   (uniform), area ``A = int(h * w * scale)`` (truncated to whole tokens), height
   ``round(sqrt(A a))``, width ``round(sqrt(A / a))``. Both views use the same ``u`` because the
   release seeds the two views' size generators alike (with the iteration counter).
-- ``"log_uniform"`` (ivfast's earlier draw): a size per block; ``a = exp(log lo + u (log hi -
+- ``"log_uniform"``: a size per block; ``a = exp(log lo + u (log hi -
   log lo))`` (tall and wide treated alike), ``A = scale * h * w`` (not truncated).
 
 Either way each side is rounded half-to-even (Python's and torch's ``round``) and clamped to
@@ -47,8 +47,8 @@ masked (prediction targets):
 
 - ``"release"`` (default): each clip keeps its FIRST visible tokens in token order, i.e. in
   time order. At 32 frames, 16 x 16 tokens and a cap of 1600 the kept context usually ends
-  part-way through the clip, and the later frames have no visible token at all (about 45 % of
-  the frames of the small-block view and 53 % of the large-block view at batch 14): the model
+  part-way through the clip, and the later frames have no visible token at all (about half of
+  them; docs/design.md gives the measured shares): the model
   learns to predict later frames from earlier ones as well as to in-fill. That is how the
   published models were trained, hence the default.
 - ``"random"``: each clip keeps a uniformly random subset of its visible tokens (the smallest
