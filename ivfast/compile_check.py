@@ -19,7 +19,8 @@ import subprocess
 import sys
 
 from ivfast.config import Config, chunking_allowed, load_config
-from ivfast.masks import num_reconstructed, num_visible_per_frame
+from ivfast.masks import num_reconstructed
+from ivfast.memory.analytic import shapes
 from ivfast.models.encoder import encoder_kwargs
 from ivfast.ops import dispatch
 from ivfast.ops import compile_check as CC
@@ -28,21 +29,19 @@ DEFAULT_CONFIGS = ("stage1_b_diffusion", "stage1_l_diffusion", "tiny")
 
 
 def step_shapes(cfg: Config, name: str) -> CC.StepShapes:
-    """The launch-shaping numbers of ``cfg``'s Stage-1 step: the token grid, the visible and
-    masked tokens per clip (the frame mask keeps ``L - int(L * ratio)`` of each frame's ``L``),
-    the diffusion head's rows (``masks.num_reconstructed``) and
-    its chunk (0 where the chunked loss cannot run: ZeRO-3)."""
+    """The launch-shaping numbers of ``cfg``'s Stage-1 step: the token grid and the visible and
+    masked tokens per clip as the memory model counts them (:func:`ivfast.memory.analytic.shapes`),
+    the diffusion head's rows (:func:`ivfast.masks.num_reconstructed`) and its chunk (0 where
+    the chunked loss cannot run: :func:`ivfast.config.chunking_allowed`)."""
     d, m = cfg.data, cfg.model
     e, df = m.encoder, m.diffusion
-    t = d.num_frames // e.tubelet_size
-    h = w = d.img_size // e.patch_size
-    vis = num_visible_per_frame(h * w, m.mask_ratio)
-    masked = t * (h * w - vis)
-    recon_rows = num_reconstructed(masked, float(df.reconstruction_ratio))
+    s = shapes(cfg)
+    side = d.img_size // e.patch_size
     in_chans = encoder_kwargs(e, num_frames=d.num_frames, img_size=d.img_size)["in_chans"]
     return CC.StepShapes(
-        name=name, batch=d.batch_size, grid=(t, h, w), visible=t * vis, masked=masked, recon_rows=recon_rows,
-        num_cls=e.num_cls_tokens, enc_width=e.width, enc_depth=e.depth, release_blocks=e.block == "release",
+        name=name, batch=s.batch, grid=(s.frames, side, side), visible=s.visible, masked=s.masked,
+        recon_rows=num_reconstructed(s.masked, float(df.reconstruction_ratio)), num_cls=s.cls,
+        enc_width=e.width, enc_depth=e.depth, release_blocks=e.block == "release",
         pos_learnable=bool(e.pos_learnable), patch_dim=in_chans * e.tubelet_size * e.patch_size ** 2,
         recon=m.recon, pred_width=m.predictor.width, diff_width=df.width, diff_depth=df.depth,
         learn_sigma=bool(df.learn_sigma), batch_mul=df.batch_mul, num_timesteps=df.num_timesteps,

@@ -43,15 +43,24 @@ def _compiled_python(code: str, timeout: int = 300) -> subprocess.CompletedProce
 
 
 # ----------------------------------------------------------------------------- shapes from the configs
-@pytest.mark.parametrize("name", PAPER + ("tiny",))
-def test_step_shapes_agree_with_the_memory_model(name):
-    """The tool's token counts are the memory model's for the same loaded config."""
+@pytest.mark.parametrize("overrides", [(), ("model.mask_ratio=0.6", "model.diffusion.reconstruction_ratio=0.3",
+                                        "model.diffusion.batch_mul=2")])
+def test_step_shapes_are_what_prepare_draws(overrides):
+    """The tool's token and row counts are those of the inputs Stage1Step.prepare really draws."""
+    from ivfast.compile_check import step_shapes
     from ivfast.config import load_config
-    from ivfast.memory.analytic import shapes
+    from ivfast.rng import SampleRNG
+    from ivfast.training.step import Stage1Step
 
-    mine, ref = config_shapes(name), shapes(load_config(name))
-    assert (mine.batch, mine.visible, mine.masked, mine.num_cls) == (ref.batch, ref.visible, ref.masked, ref.cls)
-    assert mine.grid[0] * mine.grid[1] * mine.grid[2] == ref.frames * ref.grid
+    cfg = load_config("tiny", list(overrides))
+    s, d = step_shapes(cfg, "tiny"), cfg.data
+    step = Stage1Step(cfg)
+    step.to(torch.device("cpu"), torch.float32)
+    inputs = step.prepare(torch.randn(d.batch_size, 3, d.num_frames, d.img_size, d.img_size),
+                          SampleRNG.for_step(0, 1, list(range(d.batch_size))))
+    assert inputs.visible_idx.shape == (s.batch, s.visible)
+    assert inputs.recon_idx.shape == (s.batch, s.recon_rows) and s.visible + s.masked == s.tokens
+    assert inputs.diffusion_t.shape == (s.diffusion_rows,)
 
 
 def test_step_shapes_follow_zero3_and_overrides():
