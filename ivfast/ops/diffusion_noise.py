@@ -154,6 +154,18 @@ def eps_mse_reference(eps_hat: torch.Tensor, seeds: torch.Tensor) -> torch.Tenso
 if triton is not None:
 
     @triton.jit
+    def _tile_and_eps(ptr, rows64, rmask, seed, c0, C, stride_m, stride_c, BLOCK_C: tl.constexpr):
+        """Columns ``c0 .. c0 + BLOCK_C`` of the rows ``rows64``: the tile of ``ptr`` in float32
+        (0 outside the mask), the noise eps = randn(row seed, column) at the same places (the one
+        way every kernel here draws it, so q_sample and the eps-MSE see the same eps), the
+        columns and the mask."""
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = rmask[:, None] & (cols < C)[None, :]
+        v = tl.load(ptr + rows64[:, None] * stride_m + cols[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
+        eps = tl.randn(seed[:, None], cols[None, :])
+        return v, eps, cols, mask
+
+    @triton.jit
     def _q_sample_kernel(x_ptr, t_ptr, seeds_ptr, a_ptr, b_ptr, out_ptr,
                          M, C, T, stride_xm, stride_xc, stride_om,
                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -167,11 +179,7 @@ if triton is not None:
         seed = tl.load(seeds_ptr + rows, mask=rmask, other=0)
         rows64 = rows.to(tl.int64)
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            mask = rmask[:, None] & (cols < C)[None, :]
-            x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xc,
-                        mask=mask, other=0.0).to(tl.float32)
-            eps = tl.randn(seed[:, None], cols[None, :])
+            x, eps, cols, mask = _tile_and_eps(x_ptr, rows64, rmask, seed, c0, C, stride_xm, stride_xc, BLOCK_C)
             y = a[:, None] * x + b[:, None] * eps
             tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :],
                      y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -186,11 +194,7 @@ if triton is not None:
         rows64 = rows.to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            mask = rmask[:, None] & (cols < C)[None, :]
-            e = tl.load(e_ptr + rows64[:, None] * stride_em + cols[None, :] * stride_ec,
-                        mask=mask, other=0.0).to(tl.float32)
-            eps = tl.randn(seed[:, None], cols[None, :])
+            e, eps, cols, mask = _tile_and_eps(e_ptr, rows64, rmask, seed, c0, C, stride_em, stride_ec, BLOCK_C)
             d = tl.where(mask, e - eps, 0.0)
             acc += d * d
         tl.store(out_ptr + rows, tl.sum(acc, axis=1) / C, mask=rmask)
@@ -207,11 +211,7 @@ if triton is not None:
         g = tl.load(g_ptr + rows64 * stride_g, mask=rmask, other=0.0).to(tl.float32)
         scale = (2.0 * g / C)[:, None]
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            mask = rmask[:, None] & (cols < C)[None, :]
-            e = tl.load(e_ptr + rows64[:, None] * stride_em + cols[None, :] * stride_ec,
-                        mask=mask, other=0.0).to(tl.float32)
-            eps = tl.randn(seed[:, None], cols[None, :])
+            e, eps, cols, mask = _tile_and_eps(e_ptr, rows64, rmask, seed, c0, C, stride_em, stride_ec, BLOCK_C)
             grad = (e - eps) * scale
             tl.store(grad_ptr + rows64[:, None] * stride_gm + cols[None, :],
                      grad.to(grad_ptr.dtype.element_ty), mask=mask)

@@ -94,6 +94,17 @@ def scatter_with_mask_token_ref(visible, idx, mask_token, pos=None, grid=None):
 if triton is not None:
 
     @triton.jit
+    def _plus_pos(val, pos_ptr, n, cols, mask, spn, spd, H, W, POS_MODE: tl.constexpr, DIM: tl.constexpr):
+        """``val`` (rows, cols) + the position rows ``n`` (int64, one per row): the table ``pos``
+        (POS_MODE 1), the sine-cosine formula computed in the kernel (POS_MODE 2) or nothing (0)."""
+        if POS_MODE == 1:
+            val += tl.load(pos_ptr + (n * spn)[:, None] + (cols.to(tl.int64) * spd)[None, :], mask=mask,
+                           other=0.0).to(tl.float32)
+        if POS_MODE == 2:
+            val += sincos3d_at(n[:, None], cols[None, :], H, W, DIM)
+        return val
+
+    @triton.jit
     def _add_pos_fwd_kernel(
         x_ptr, idx_ptr, pos_ptr, out_ptr,
         R, M, D, H, W,
@@ -111,10 +122,7 @@ if triton is not None:
         n = tl.load(idx_ptr + b * sib + m * sim, mask=rmask, other=0).to(tl.int64)
         c64 = cols.to(tl.int64)
         val = tl.load(x_ptr + (b * sxb + m * sxm)[:, None] + (c64 * sxd)[None, :], mask=mask, other=0.0).to(tl.float32)
-        if POS_MODE == 1:
-            val += tl.load(pos_ptr + (n * spn)[:, None] + (c64 * spd)[None, :], mask=mask, other=0.0).to(tl.float32)
-        if POS_MODE == 2:
-            val += sincos3d_at(n[:, None], cols[None, :], H, W, DIM)
+        val = _plus_pos(val, pos_ptr, n, cols, mask, spn, spd, H, W, POS_MODE, DIM)
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + c64[None, :], val.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -164,10 +172,7 @@ if triton is not None:
                     mask=mask & vis[:, None], other=0.0).to(tl.float32)
         mt = tl.load(mt_ptr + c64, mask=cmask, other=0.0).to(tl.float32)
         val = tl.where(vis[:, None], v, mt[None, :])
-        if POS_MODE == 1:
-            val += tl.load(pos_ptr + (n * spn)[:, None] + (c64 * spd)[None, :], mask=mask, other=0.0).to(tl.float32)
-        if POS_MODE == 2:
-            val += sincos3d_at(n[:, None], cols[None, :], H, W, DIM)
+        val = _plus_pos(val, pos_ptr, n, cols, mask, spn, spd, H, W, POS_MODE, DIM)
         tl.store(out_ptr + r64[:, None] * D + c64[None, :], val.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
