@@ -75,6 +75,13 @@ def stage2_model(cfg):
     return Stage2Model(stage2_config(cfg))
 
 
+def write_text(tmp_path, name: str, text: str) -> str:
+    """``text`` written to ``tmp_path / name``; the path as a string."""
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
 def free_port() -> int:
     """A TCP port free on the loopback interface now (for a test's rendezvous)."""
     with socket.socket() as s:

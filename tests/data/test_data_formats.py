@@ -17,6 +17,7 @@ from ivfast.data.sampling import tsn_indices
 from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ivfast.data.video_list import VideoListDataset
 from tests.clips import level_to_frame, numbered_frames, write_numbered_clip, write_video
+from tests.support import write_text
 
 MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1, 1)
 STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1, 1)
@@ -24,12 +25,6 @@ STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1, 1)
 
 def _frames_of(video: torch.Tensor) -> list[int]:
     return [level_to_frame(x) for x in ((video * STD + MEAN) * 255).mean(dim=(0, 2, 3)).numpy()]
-
-
-def _write(tmp_path, name, text):
-    p = tmp_path / name
-    p.write_text(text)
-    return str(p)
 
 
 def _image_bytes(frame: np.ndarray, fmt: str) -> bytes:
@@ -55,7 +50,7 @@ def _frame_dir(path, frames: np.ndarray, start: int = 1, template: str = "img_{:
 
 # ----------------------------------------------------------------------------- the 3-field lines
 def test_videomae_lines(tmp_path):
-    f = _write(tmp_path, "pretrain.txt",
+    f = write_text(tmp_path, "pretrain.txt",
                "k400/a.mp4 0 -1\n"
                "# a comment\n"
                "ssv2/12 1 40\n"
@@ -85,7 +80,7 @@ def test_videomae_lines(tmp_path):
     ("a.mp4 0 -1 y\n", "label 'y'"),
 ])
 def test_bad_videomae_lines_raise_or_are_kept_as_bad_samples(tmp_path, caplog, line, why):
-    f = _write(tmp_path, "l.txt", "ok.mp4 0 -1\n" + line + "ok2.mp4 0 -1\n")
+    f = write_text(tmp_path, "l.txt", "ok.mp4 0 -1\n" + line + "ok2.mp4 0 -1\n")
     with pytest.raises(ValueError) as e:
         read_list(f, fmt="videomae")
     assert str(e.value).startswith(f"{f}:2: malformed line") and why in str(e.value)
@@ -99,9 +94,9 @@ def test_bad_videomae_lines_raise_or_are_kept_as_bad_samples(tmp_path, caplog, l
 
 
 def test_bad_lines_of_the_other_formats_are_kept_too(tmp_path):
-    r = _write(tmp_path, "r.txt", "k710 a.mp4 10 -1 -1 1\nk710 b.mp4 10 -1 -1 x\n")
-    p = _write(tmp_path, "p.txt", "a.mp4 1\nb.mp4 one\n")
-    c = _write(tmp_path, "c.csv", "path,label\na.mp4,1\nb.mp4\n")
+    r = write_text(tmp_path, "r.txt", "k710 a.mp4 10 -1 -1 1\nk710 b.mp4 10 -1 -1 x\n")
+    p = write_text(tmp_path, "p.txt", "a.mp4 1\nb.mp4 one\n")
+    c = write_text(tmp_path, "c.csv", "path,label\na.mp4,1\nb.mp4\n")
     for f, fmt in ((r, "release"), (p, "plain"), (c, "csv")):
         entries = read_list(f, bad_lines="keep")
         assert entries[0].error is None and entries[1].path == "b.mp4"
@@ -231,7 +226,7 @@ def test_lists_videos_and_frames_from_memory_urls(media, tmp_path, caplog):
 
 def test_file_urls_and_csv_through_fsspec(media, tmp_path):
     pytest.importorskip("fsspec")
-    lst = _write(tmp_path, "l.csv", "path,label\nv.mp4,3\n")
+    lst = write_text(tmp_path, "l.csv", "path,label\nv.mp4,3\n")
     root = "file://" + str(media["dir"])
     entries = read_list("file://" + lst, root=root)
     assert entries == [VideoEntry(root + "/v.mp4", 3)]
@@ -256,7 +251,7 @@ def test_loader_skips_and_counts_bad_lines_frames_and_files(media, tmp_path):
     (tmp_path / "junk.mp4").write_bytes(b"\x00" * 512)
     os.symlink(media["video"], tmp_path / "v.mp4")
     os.symlink(media["jpg"], tmp_path / "frames")
-    lst = _write(tmp_path, "pretrain.txt",
+    lst = write_text(tmp_path, "pretrain.txt",
                  "v.mp4 0 -1\nframes 1 12\nholes 1 12\njunk.mp4 0 -1\nv.mp4 zero -1\nframes 1 12 5\n")
     d = DataConfig(source="list", list_file=lst, root=str(tmp_path), backend="pyav", batch_size=6, num_workers=0,
                    num_frames=4, img_size=32, min_frames=4)
@@ -271,7 +266,7 @@ def test_frame_folders_and_urls_go_to_the_pyav_backend(media, tmp_path, monkeypa
     """DALI reads local video files: with backend auto a list with a folder of frames is read
     by PyAV; an explicit dali backend is refused with one line."""
     monkeypatch.setattr(loader_mod, "_dali_usable", lambda: True)
-    lst = _write(tmp_path, "l.txt", f"{media['video']} 0 -1\n{media['jpg']} 1 12\n")
+    lst = write_text(tmp_path, "l.txt", f"{media['video']} 0 -1\n{media['jpg']} 1 12\n")
     d = DataConfig(source="list", list_file=lst, backend="auto", num_frames=4, img_size=32)
     assert loader_mod.resolve_backend(d) == "dali"
     assert isinstance(loader_mod.build_dataset(d), VideoListDataset) and d.backend == "pyav"

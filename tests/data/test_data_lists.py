@@ -21,18 +21,12 @@ from ivfast.data.lists import (
     read_list,
     segment_frames,
 )
-from tests.support import ROOT
-
-
-def _write(tmp_path, name, text):
-    p = tmp_path / name
-    p.write_text(text)
-    return str(p)
+from tests.support import ROOT, write_text
 
 
 # ----------------------------------------------------------------------------- formats
 def test_release_format(tmp_path):
-    f = _write(tmp_path, "anno.txt",
+    f = write_text(tmp_path, "anno.txt",
                "# the release's annotation lines\n"
                "k710 k400/a.mp4 10.0 -1 -1 3\n"
                "\n"
@@ -62,7 +56,7 @@ def test_release_format(tmp_path):
     ("k710 a.mp4 10 nan 4 0\n", "start"),
 ])
 def test_release_format_errors_name_file_and_line(tmp_path, line, why):
-    f = _write(tmp_path, "anno.txt", "k710 ok.mp4 10 -1 -1 1\n# c\n" + line)
+    f = write_text(tmp_path, "anno.txt", "k710 ok.mp4 10 -1 -1 1\n# c\n" + line)
     with pytest.raises(ValueError) as e:
         read_list(f, fmt="release")
     msg = str(e.value)
@@ -70,16 +64,16 @@ def test_release_format_errors_name_file_and_line(tmp_path, line, why):
 
 
 def test_plain_format(tmp_path):
-    f = _write(tmp_path, "l.txt", "a.mp4 3\nb.mkv\n")
+    f = write_text(tmp_path, "l.txt", "a.mp4 3\nb.mkv\n")
     assert detect_format(f) == "plain"
     assert read_list(f, "/r") == [VideoEntry("/r/a.mp4", 3), VideoEntry("/r/b.mkv", 0)]
-    g = _write(tmp_path, "bad.txt", "a.mp4 3 4\n")
+    g = write_text(tmp_path, "bad.txt", "a.mp4 3 4\n")
     with pytest.raises(ValueError, match=f"{g}:1: .*expected 'path \\[label\\]'"):
         read_list(g, fmt="plain")
 
 
 def test_csv_format(tmp_path):
-    f = _write(tmp_path, "l.csv",
+    f = write_text(tmp_path, "l.csv",
                'Path,LABEL,youtube_id,source,flip,start,end,total_time\n'
                'a.mp4,3,xyz,k400,,,,\n'
                '"dir with space/b,c.mp4",1,,ssv2,true,,,\n'
@@ -91,7 +85,7 @@ def test_csv_format(tmp_path):
         VideoEntry("/r/dir with space/b,c.mp4", 1, flip=False),  # ssv2 wins over flip=true
         VideoEntry("/r/c.mp4", 0, flip=False, start_s=1.5, end_s=2.5),
     ]
-    minimal = _write(tmp_path, "m.txt", "path,label\nx.mp4,2\n")  # detected from the header
+    minimal = write_text(tmp_path, "m.txt", "path,label\nx.mp4,2\n")  # detected from the header
     assert detect_format(minimal) == "csv" and read_list(minimal) == [VideoEntry("x.mp4", 2)]
 
 
@@ -104,14 +98,14 @@ def test_csv_format(tmp_path):
     ("path,label\n,1\n", 2, "empty path"),
 ])
 def test_csv_errors_name_file_and_line(tmp_path, text, where, why):
-    f = _write(tmp_path, "l.csv", text)
+    f = write_text(tmp_path, "l.csv", text)
     with pytest.raises(ValueError) as e:
         read_list(f)
     assert str(e.value).startswith(f"{f}:{where}: ") and why in str(e.value)
 
 
 def test_format_detection_errors_and_bad_format(tmp_path):
-    f = _write(tmp_path, "l.txt", "# x\na b c d\n")
+    f = write_text(tmp_path, "l.txt", "# x\na b c d\n")
     with pytest.raises(ValueError, match=f"{f}:2: .*4 fields.*data.list_format"):
         read_list(f)
     with pytest.raises(ValueError, match="unknown list format 'tsv'"):
@@ -126,9 +120,9 @@ def test_format_detection_errors_and_bad_format(tmp_path):
     ("c.csv", "path,label,source,note\na.mp4,3,k400,x y\nb.webm,1,ssv2,\n"),
 ])
 def test_format_list_writes_the_same_format_with_new_paths(tmp_path, name, text):
-    src = parse_list(_write(tmp_path, name, text))
+    src = parse_list(write_text(tmp_path, name, text))
     out = format_list(src, [ln.with_path(f"new/{i}.mp4") for i, ln in enumerate(src.lines)])
-    again = parse_list(_write(tmp_path, "again_" + name, out), fmt=src.fmt)
+    again = parse_list(write_text(tmp_path, "again_" + name, out), fmt=src.fmt)
     assert again.fmt == src.fmt
     assert [e.path for e in again.entries] == ["new/0.mp4", "new/1.mp4"]
     assert [(e.label, e.flip, e.start_s, e.end_s, e.total_s) for e in again.entries] == \
@@ -204,7 +198,7 @@ def test_resolve_backend(monkeypatch):
 
 
 def _list_data(tmp_path, names, **kw) -> DataConfig:
-    lst = _write(tmp_path, "train.txt", "".join(f"{n} {i}\n" for i, n in enumerate(names)))
+    lst = write_text(tmp_path, "train.txt", "".join(f"{n} {i}\n" for i, n in enumerate(names)))
     return DataConfig(**{"source": "list", "list_file": lst, "root": str(tmp_path), "batch_size": 2, **kw})
 
 
@@ -224,7 +218,7 @@ def test_build_dataset_logs_the_file_check(tmp_path, caplog):
     assert not [r for r in caplog.records if "videos listed" in r.getMessage()]
     with pytest.raises(FileNotFoundError, match="none of the 2 videos.*check data.root"):
         loader_mod.build_dataset(_list_data(tmp_path, ["x.mp4", "y.mp4"]))
-    _write(tmp_path, "empty.txt", "# nothing\n")
+    write_text(tmp_path, "empty.txt", "# nothing\n")
     with pytest.raises(ValueError, match="names no videos"):
         loader_mod.build_dataset(DataConfig(source="list", list_file=str(tmp_path / "empty.txt")))
 
@@ -252,7 +246,7 @@ def test_build_loader_dali_dispatch(tmp_path, monkeypatch, flip):
     monkeypatch.setitem(sys.modules, "ivfast.data.dali_loader", types.SimpleNamespace(DaliVideoLoader=FakeDali))
     monkeypatch.setattr(loader_mod, "_dali_usable", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    _write(tmp_path, "anno.txt", "k710 a.mp4 10 -1 -1 1\nssv2 b.mp4 4 1 2 2\nk710 c.mp4 5 -1 -1 0\n")
+    write_text(tmp_path, "anno.txt", "k710 a.mp4 10 -1 -1 1\nssv2 b.mp4 4 1 2 2\nk710 c.mp4 5 -1 -1 0\n")
     for n in ("a.mp4", "b.mp4", "c.mp4"):
         (tmp_path / n).write_bytes(b"x")
     d = DataConfig(source="list", list_file=str(tmp_path / "anno.txt"), root=str(tmp_path), batch_size=1,
