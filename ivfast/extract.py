@@ -51,9 +51,9 @@ import torch
 from ivfast.checkpoint_io import CheckpointError, atomic_write_text, save_safetensors
 from ivfast.config import ConfigError
 from ivfast.data.decode_timeout import Deadline
-from ivfast.data.lists import read_list
+from ivfast.data.lists import FORMATS, read_list
 from ivfast.data.transforms import eval_transform
-from ivfast.data.video_list import UnreadableVideo, failure_reason, load_clip, open_video
+from ivfast.data.video_list import UnreadableVideo, failure_reason, open_video, read_entry
 from ivfast.probes.config import BackboneConfig
 from ivfast.probes.features import BackboneMismatch, FrozenBackbone, describe_backbone, load_backbone
 
@@ -71,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default="", help="a training checkpoint (run dir, step dir or .safetensors)")
     p.add_argument("--run-config", default="", help="the checkpoint's run config (default: its run's config.yaml)")
     p.add_argument("--root", default="", help="directory the list's relative paths are joined to")
-    p.add_argument("--list-format", default="auto", choices=("auto", "release", "plain", "csv"))
+    p.add_argument("--list-format", default="auto", choices=FORMATS)
     p.add_argument("--mode", default="clip", choices=("clip", "window"))
     p.add_argument("--frames", type=int, default=0, help="frames per clip / window (default: the backbone's)")
     p.add_argument("--stride", type=int, default=0, help="(window) frames between window starts (default: --frames)")
@@ -116,8 +116,9 @@ def read_manifest(path: str) -> list[dict]:
 
 
 def clip_windows(entry, frames: int, size: int, mean, std, timeout_s: float):
-    """The one clip of ``entry`` (segment middles): ``[(None, None, (3, T, S, S))]``."""
-    x = load_clip(entry.path, frames, None, entry=entry, timeout_s=timeout_s)
+    """The one clip of ``entry`` (segment middles; a video or a folder of frames):
+    ``[(None, None, (3, T, S, S))]``."""
+    x = read_entry(entry, frames, None, timeout_s=timeout_s)
     yield None, None, eval_transform(x, size, mean=mean, std=std)
 
 

@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 from typing import List, Literal
 
 
+FRAME_TEMPLATE = "img_{:05d}.jpg"  # the frame files of a folder of frames, by default
+
+
 @dataclass
 class DataConfig:
     source: Literal["synthetic", "list", "shards"] = "synthetic"
@@ -22,7 +25,7 @@ class DataConfig:
     list_format: Literal["auto", "release", "plain", "csv", "videomae"] = "auto"
     # File names in a folder of frames (the 3-field lines' `frame_dir start total`): str.format
     # of the frame number (printf style "img_%05d.jpg" also works).
-    frame_template: str = "img_{:05d}.jpg"
+    frame_template: str = FRAME_TEMPLATE
     check_files: bool = True
     min_frames: int = 4  # a video with fewer decodable frames is too short: skipped and counted
     decode_timeout_s: float = 60.0
@@ -35,13 +38,18 @@ class DataConfig:
     shard_index: str = ""  # a json file caching the shards' sample counts ("": count at every start)
 
 
+def frame_name(template: str, number: int) -> str:
+    """The file name of frame ``number``: ``template.format(number)`` (or ``template % number``
+    for a printf-style template without braces)."""
+    if "{" not in template and "%" in template:
+        return template % number
+    return template.format(number)
+
+
 def frame_template_error(template: str) -> str | None:
     """Why ``template`` cannot name the frame files of a folder (None: it can)."""
     try:
-        if "{" not in template and "%" in template:
-            a, b = template % 1, template % 2
-        else:
-            a, b = template.format(1), template.format(2)
+        a, b = frame_name(template, 1), frame_name(template, 2)
     except (ValueError, TypeError, IndexError, KeyError) as e:
         return f"does not format a frame number ({type(e).__name__}: {e})"
     if a == b or "/" in a or "\\" in a:

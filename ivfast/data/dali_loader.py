@@ -257,6 +257,8 @@ class DaliVideoLoader:
             return None, failure_reason(e)
 
     def _prepare(self, index: int, seed: int, entry: VideoEntry) -> _Sample:
+        if entry.error:  # a malformed list line, kept as a bad sample
+            raise UnreadableVideo(entry.error)
         try:
             data = np.fromfile(entry.path, dtype=np.uint8)
         except FileNotFoundError:

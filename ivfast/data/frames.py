@@ -6,12 +6,10 @@ import io
 import numpy as np
 
 from ivfast.data import fs
-from ivfast.data.config import frame_template_error
+from ivfast.data.config import FRAME_TEMPLATE, frame_name, frame_template_error
 from ivfast.data.decode_timeout import Deadline, time_limit
 from ivfast.data.lists import UnreadableVideo, VideoEntry
 from ivfast.data.sampling import clip_indices
-
-DEFAULT_TEMPLATE = "img_{:05d}.jpg"
 
 
 def check_template(template: str) -> str:
@@ -21,14 +19,6 @@ def check_template(template: str) -> str:
     if why is not None:
         raise ValueError(f"frame template {template!r} {why}")
     return template
-
-
-def frame_name(template: str, number: int) -> str:
-    """The file name of frame ``number``: ``template.format(number)`` (or ``template % number``
-    for a printf-style template without braces)."""
-    if "{" not in template and "%" in template:
-        return template % number
-    return template.format(number)
 
 
 def decode_image(data: bytes, name: str = "") -> np.ndarray:
@@ -65,7 +55,7 @@ def read_frame(path: str) -> np.ndarray:
 
 
 def load_frames(entry: VideoEntry, num_frames: int, rng: np.random.Generator | None, *,
-                template: str = DEFAULT_TEMPLATE, min_frames: int = 1, timeout_s: float = 0.0) -> np.ndarray:
+                template: str = FRAME_TEMPLATE, min_frames: int = 1, timeout_s: float = 0.0) -> np.ndarray:
     """TSN-sampled RGB uint8 frames ``(num_frames, H, W, 3)`` of a folder of frames.
 
     The folder ``entry.path`` holds ``entry.frame_count`` frames, the k-th (from 0) in the

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from ivfast.data import fs
 from ivfast.data.collate import sample_key
 from ivfast.data.decode_timeout import Deadline, time_limit
-from ivfast.data.frames import DEFAULT_TEMPLATE, check_template, load_frames
+from ivfast.data.frames import FRAME_TEMPLATE, check_template, load_frames
 from ivfast.data.lists import UnreadableVideo, VideoEntry, read_list, segment_frames
 from ivfast.data.sampling import clip_indices
 from ivfast.data.transforms import DEFAULT_SCALES, IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
@@ -171,6 +171,19 @@ def load_clip(path: str | bytes, num_frames: int, rng: np.random.Generator | Non
         return frames
 
 
+def read_entry(entry: VideoEntry, num_frames: int, rng: np.random.Generator | None, seed: int | None = None, *,
+               template: str = FRAME_TEMPLATE, min_frames: int = 1, timeout_s: float = 0.0) -> np.ndarray:
+    """The TSN-sampled frames ``(num_frames, H, W, 3)`` uint8 of one list entry, whatever it
+    names: a malformed line raises its ``error`` as :class:`UnreadableVideo`, a folder of
+    frames is read by :func:`~ivfast.data.frames.load_frames` (``template``), a video file
+    (path or URL) is decoded by :func:`load_clip`. Raises what those raise."""
+    if entry.error:
+        raise UnreadableVideo(entry.error)
+    if entry.frames:
+        return load_frames(entry, num_frames, rng, template=template, min_frames=min_frames, timeout_s=timeout_s)
+    return load_clip(entry.path, num_frames, rng, seed, entry=entry, min_frames=min_frames, timeout_s=timeout_s)
+
+
 class VideoListDataset(Dataset):
     """Clips from the videos of a dataset list, keyed ``(index, sample_seed)``.
 
@@ -211,7 +224,7 @@ class VideoListDataset(Dataset):
         list_format: str = "auto",
         decode_timeout_s: float = 0.0,
         min_frames: int = 1,
-        frame_template: str = DEFAULT_TEMPLATE,
+        frame_template: str = FRAME_TEMPLATE,
     ):
         if num_frames <= 0 or size <= 0:
             raise ValueError(f"VideoListDataset: bad num_frames={num_frames} / size={size}")
@@ -241,14 +254,8 @@ class VideoListDataset(Dataset):
         entry = self.entries[index]
         rng = np.random.default_rng(seed) if self.train else None  # a bad seed is a caller bug: raise
         try:
-            if entry.error:
-                raise UnreadableVideo(entry.error)
-            if entry.frames:
-                frames = load_frames(entry, self.num_frames, rng, template=self.frame_template,
-                                     min_frames=self.min_frames, timeout_s=self.decode_timeout_s)
-            else:
-                frames = load_clip(entry.path, self.num_frames, rng, seed, entry=entry, min_frames=self.min_frames,
-                                   timeout_s=self.decode_timeout_s)
+            frames = read_entry(entry, self.num_frames, rng, seed, template=self.frame_template,
+                                min_frames=self.min_frames, timeout_s=self.decode_timeout_s)
             if self.train:
                 video = train_transform(frames, self.size, rng, scales=self.scales, flip=self.flip and entry.flip,
                                         mean=self.mean, std=self.std)

@@ -227,7 +227,7 @@ class MultiViewClips(Dataset):
         return {"video": torch.stack(views).contiguous(), "label": item["label"], "index": item["index"]}
 
     def _list_item(self, key):
-        from ivfast.data.video_list import UnreadableVideo, failure_reason, load_clip
+        from ivfast.data.video_list import failure_reason, read_entry
 
         index, _ = sample_key(key)
         b = self.base
@@ -236,16 +236,8 @@ class MultiViewClips(Dataset):
         entry = b.entries[index]
         n = self.num_frames * self.clips
         try:
-            if getattr(entry, "error", None):
-                raise UnreadableVideo(entry.error)
-            if getattr(entry, "frames", False):
-                from ivfast.data.frames import load_frames
-
-                frames = load_frames(entry, n, None, min_frames=b.min_frames, timeout_s=b.decode_timeout_s,
-                                     template=b.frame_template)
-            else:
-                frames = load_clip(entry.path, n, None, 0, entry=entry, min_frames=b.min_frames,
-                                   timeout_s=b.decode_timeout_s)
+            frames = read_entry(entry, n, None, 0, template=b.frame_template, min_frames=b.min_frames,
+                                timeout_s=b.decode_timeout_s)
             video = torch.cat([crop_views(frames[k::self.clips], self.size, self.crops, b.mean, b.std)
                                for k in range(self.clips)])
         except Exception as e:  # noqa: BLE001 - any failure of one sample is reported, not raised

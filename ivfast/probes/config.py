@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import List, Literal
 
 from ivfast.config import ConfigError, load_dataclass
+from ivfast.data.config import FRAME_TEMPLATE
 
 __all__ = ["BackboneConfig", "resolve_backbone", "ClassifyConfig", "DepthConfig", "TrackConfig", "ProbeConfig", "load_probe_config",
            "validate_probe", "ConfigError"]
@@ -92,7 +93,7 @@ class ClassifyConfig:
     train_list: str = ""
     val_list: str = ""
     root: str = ""
-    frame_template: str = "img_{:05d}.jpg"  # file names in a folder of frames (a list line "dir start total")
+    frame_template: str = FRAME_TEMPLATE  # file names in a folder of frames (a list line "dir start total")
     num_classes: int = 8
     num_frames: int = 16
     img_size: int = 224
