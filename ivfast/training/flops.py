@@ -174,8 +174,10 @@ def _window_excess(calls: list) -> tuple[int, int]:
     return fwd, bwd
 
 
-def count_step_flops(cfg: Config) -> StepFlops:
-    """Count one micro-batch (``data.batch_size`` clips) of ``cfg``'s step: see the module docstring."""
+def count_step_flops(cfg: Config, model_cfg=None) -> StepFlops:
+    """Count one micro-batch (``data.batch_size`` clips) of ``cfg``'s step: see the module docstring.
+    ``model_cfg``: the built model's own config (``step.model.cfg``), so that Stage 2 does not
+    read its Stage-1 checkpoint again for the position table's shape; else built from ``cfg``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -186,7 +188,12 @@ def count_step_flops(cfg: Config) -> StepFlops:
     m.init_from = m.teacher.weights = m.predictor.init_weights = ""
     m.teacher.attention = "same"
     stage2 = m.stage == 2
-    own = stage2_config(c) if stage2 else stage1_config(c)
+    if model_cfg is None:
+        own = stage2_config(c) if stage2 else stage1_config(c)
+    else:
+        own = copy.deepcopy(model_cfg)
+        if not stage2:
+            own.diffusion.chunk_rows = 0
     with torch.device("meta"):
         model = Stage2Model(own) if stage2 else Stage1Model(own)
         teacher = None if stage2 else build_teacher(c)

@@ -132,7 +132,7 @@ def train(cfg: Config) -> dict:
                  eff.global_batch, cfg.data.batch_size, dist.world, ga, eff.factor, eff.lr, eff.min_lr, eff.warmup_lr)
 
     stop = StopRequested(announce=dist.is_main)
-    flops = _count_flops(cfg) if dist.is_main else None
+    flops = _count_flops(cfg, model.cfg) if dist.is_main else None
     device_name, peak = device_peak_tflops(dist.device)
     if dist.is_main:
         log.info("MFU: %s", f"{device_name}, dense bf16 peak {peak:g} TFLOP/s" if peak
@@ -210,13 +210,13 @@ def train(cfg: Config) -> dict:
     return {"status": "done", **state}
 
 
-def _count_flops(cfg: Config) -> StepFlops | None:
+def _count_flops(cfg: Config, model_cfg) -> StepFlops | None:
     """The step's FLOPs (:func:`ivfast.training.flops.count_step_flops`), logged; None (and a
     warning: TFLOP/s and MFU go unreported) when they cannot be counted."""
     t0 = time.perf_counter()
     try:
         with torch.random.fork_rng(devices=[]):
-            flops = count_step_flops(cfg)
+            flops = count_step_flops(cfg, model_cfg)
     except Exception as e:  # noqa: BLE001 - the run goes on without FLOPs
         log.warning("FLOPs not counted (%s: %s): TFLOP/s and MFU are not reported", type(e).__name__,
                     str(e).splitlines()[0] if str(e) else "")

@@ -90,3 +90,15 @@ def test_stage2_counts_the_teacher_encoder_in_the_model():
     f = count_step_flops(cfg)
     assert f.teacher_forward == 0 and f.student_forward > 0 and f.student_backward > 0
     assert "GFLOP per clip" in f.describe()
+
+
+def test_the_built_models_config_gives_the_same_count():
+    """The trainer hands over its model's own config (Stage 2: no second read of the Stage-1
+    checkpoint); the count is the one built from the run config."""
+    from ivfast.config import stage1_config, stage2_config
+
+    s1 = load_config(TINY, ["data.batch_size=2", "model.diffusion.chunk_rows=64"])
+    assert count_step_flops(s1, stage1_config(s1)) == count_step_flops(s1)
+    s2 = load_config(f"{ROOT}/configs/stage2_tiny.yaml", ["model.stage2.init_checkpoint=/nonexistent",
+                                                          "data.batch_size=2"])
+    assert count_step_flops(s2, stage2_config(s2)) == count_step_flops(s2)
