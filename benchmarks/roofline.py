@@ -40,30 +40,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW3 = "stage1_b_diffusion"
 
 
-@contextlib.contextmanager
-def meta_autocast():
-    """Meta has no autocast: ``torch.is_autocast_enabled("meta")`` and ``torch.autocast("meta")``
-    raise, and the models use both on their inputs' device (``ivfast.models.diffusion``, the fp32
-    head of ``ivfast.models.diffloss``). In this block: off, and a no-op, for meta."""
-    real_enabled, real_autocast = torch.is_autocast_enabled, torch.autocast
-
-    def is_autocast_enabled(*args):
-        if args and (args[0] == "meta" or getattr(args[0], "type", None) == "meta"):
-            return False
-        return real_enabled(*args)
-
-    def autocast(device_type, *args, **kwargs):
-        if device_type == "meta":
-            return contextlib.nullcontext()
-        return real_autocast(device_type, *args, **kwargs)
-
-    torch.is_autocast_enabled, torch.autocast = is_autocast_enabled, autocast
-    try:
-        yield
-    finally:
-        torch.is_autocast_enabled, torch.autocast = real_enabled, real_autocast
-
-
 def build_meta_step(config: str, overrides=()):
     """(cfg, Stage1Step) with the model and the teacher on the ``meta`` device."""
     from ivfast.config import load_config
@@ -108,7 +84,7 @@ def model_launches(config: str, mode: compile_check.Mode, target: launch.Target,
     cfg, step = build_meta_step(config, ov)
     model = step.model.to(mode.dtype)
     inputs = meta_inputs(cfg, step, mode.dtype)
-    with dispatch.override(fused=cfg.model.fused_kernels, lean=cfg.model.lean_saves), meta_autocast(), \
+    with dispatch.override(fused=cfg.model.fused_kernels, lean=cfg.model.lean_saves), \
             launch.capture(target) as records:
         out = model(*inputs)
         out["loss"].backward()

@@ -39,6 +39,7 @@ from ivfast.ops import lean
 from ivfast.ops.adaln import adaln_block, adaln_final
 from ivfast.ops.chunked_loss import chunked_row_loss
 from ivfast.ops.diffusion_noise import eps_mse, q_sample
+from ivfast.ops.dispatch import autocast_off
 from ivfast.ops.timestep_embedding import timestep_embedding
 
 PRECISIONS = ("auto", "fp32")
@@ -209,7 +210,7 @@ class DiffusionLoss(nn.Module):
         """(context, tensors): fp32 tensors and autocast off when precision is "fp32"."""
         if self.precision != "fp32":
             return contextlib.nullcontext(), tensors
-        return torch.autocast(tensors[0].device.type, enabled=False), tuple(t.float() for t in tensors)
+        return autocast_off(tensors[0].device), tuple(t.float() for t in tensors)
 
     def forward(self, z: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
                 seeds: torch.Tensor) -> Dict[str, torch.Tensor]:

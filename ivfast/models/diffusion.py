@@ -40,12 +40,13 @@ absolute before ``exp``. In bfloat16 each sample's term came out ~10% off (media
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Dict, Tuple
 
 import numpy as np
 import torch
+
+from ivfast.ops.dispatch import autocast_off
 
 SCHEDULES = ("cosine", "linear")
 
@@ -127,13 +128,6 @@ def loss_dtype(*xs: torch.Tensor) -> torch.dtype:
     for x in xs:
         dtype = torch.promote_types(dtype, x.dtype)
     return dtype
-
-
-def _no_autocast(x: torch.Tensor):
-    """Autocast off on ``x``'s device (a no-op context where it is off already)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- diffusion
@@ -292,7 +286,7 @@ class GaussianDiffusion:
         own dtype.
         """
         dtype = loss_dtype(model_output, x_start, x_t)
-        with _no_autocast(model_output):
+        with autocast_off(model_output.device):
             model_output, x_start, x_t = (x.to(dtype) for x in (model_output, x_start, x_t))
             true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
             mean, log_var, _ = self.p_mean_variance(model_output, x_t, t)
@@ -315,7 +309,7 @@ class GaussianDiffusion:
             raise ValueError(f"t must have shape ({x_start.shape[0]},), got {tuple(t.shape)}")
         eps, v = self.split_output(model_output, x_start)
         dtype = loss_dtype(eps, noise)
-        with _no_autocast(eps):
+        with autocast_off(eps.device):
             out = {"mse": _mean_nonbatch((eps.to(dtype) - noise.to(dtype)).pow(2))}
         if v is not None:
             frozen = torch.cat([eps.detach(), v], dim=1)

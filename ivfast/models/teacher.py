@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ivfast.ops.attention import attention
+from ivfast.ops.dispatch import autocast_off
 
 
 @dataclass
@@ -174,7 +175,7 @@ class SiglipMAPHead(nn.Module):
         q = F.linear(probe, wq, bq).view(1, h, dh)  # the same query for every frame
         k = F.linear(x, wk, bk).view(bt, n, h, dh)
         v = F.linear(x, wv, bv).view(bt, n, h, dh)
-        with torch.autocast(x.device.type, enabled=False):  # the saliency in float32
+        with autocast_off(x.device):  # the saliency in float32
             logits = torch.einsum("hc,bnhc->bhn", q[0].float(), k.float()) / math.sqrt(dh)
             weights = logits.softmax(dim=-1)  # (BT, heads, L)
         o = torch.einsum("bhn,bnhc->bhc", weights.to(v.dtype), v).reshape(bt, d)

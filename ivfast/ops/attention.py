@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ivfast.ops.dispatch import autocast_off
+
 __all__ = [
     "BACKENDS",
     "AttentionFallbackWarning",
@@ -395,7 +397,7 @@ def _document_block_mask(bounds: tuple, window: int | None, device: torch.device
 
 def _math_dense(q, k, v, window):
     scale = q.shape[-1] ** -0.5
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device):
         s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
         if window is not None:
             s = s.masked_fill(~_cached_window_mask(q.shape[-2], window, q.device), float("-inf"))

@@ -81,3 +81,12 @@ def lean_applies(x: torch.Tensor) -> bool:
 def autocast_enabled(device: torch.device) -> bool:
     """``torch.is_autocast_enabled`` for ``device``'s type (False for ``meta``, which has no autocast)."""
     return device.type != "meta" and torch.is_autocast_enabled(device.type)
+
+
+def autocast_off(device: torch.device):
+    """A context with autocast off on ``device``'s type: ``torch.autocast(enabled=False)`` where
+    it is on, else nothing (also on ``meta``, which has no autocast and whose ``torch.autocast``
+    raises)."""
+    if autocast_enabled(device):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
