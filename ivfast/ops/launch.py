@@ -17,6 +17,7 @@ compiles for sm_80 / sm_90a are the tiles the GPU gets.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
@@ -77,8 +78,16 @@ def sm_count(device: torch.device) -> int:
     if meta is not None:
         return meta.sms
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_facts(device)[0]
     return 1
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_facts(device: torch.device) -> tuple[int, int]:
+    """(SM count, compute capability as 10 major + minor) of a CUDA device, asked once: every
+    launch plans with them."""
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, 10 * props.major + props.minor
 
 
 def target(device: torch.device) -> Target:
@@ -87,10 +96,7 @@ def target(device: torch.device) -> Target:
     if meta is not None:
         return meta
     gpu = gpu_tiles(device)
-    arch = 0
-    if gpu and device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        arch = 10 * major + minor
+    arch = _cuda_facts(device)[1] if gpu and device.type == "cuda" else 0
     return Target(gpu, sm_count(device), arch, "cuda" if gpu else "interpreter")
 
 
