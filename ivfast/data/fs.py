@@ -80,12 +80,7 @@ def open_binary(path: str):
 
 
 def read_bytes(path: str) -> bytes:
-    """The whole file; ``FileNotFoundError`` when it does not exist."""
-    if not is_url(path):
-        with open(path, "rb") as f:
-            return f.read()
-    fs, p = filesystem(path)
-    if not fs.isfile(p):
-        raise FileNotFoundError(path)
-    with fs.open(p, "rb") as f:
+    """The whole file; ``FileNotFoundError`` when it does not exist (fsspec's ``open`` raises
+    it, so a URL costs one request, not an existence check first)."""
+    with open_binary(path) as f:
         return f.read()

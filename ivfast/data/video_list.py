@@ -25,6 +25,20 @@ def failure_reason(e: BaseException) -> str:
     return str(e) if isinstance(e, UnreadableVideo) else f"{type(e).__name__}: {e}"
 
 
+def _in_memory(path: str | bytes) -> str | bytes:
+    """A URL's whole file, read once (``fs.read_bytes``) to be decoded from memory; a local path
+    or bytes as they are."""
+    if not (isinstance(path, str) and fs.is_url(path)):
+        return path
+    try:
+        data = fs.read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise UnreadableVideo("file not found") from None
+    if not data:
+        raise UnreadableVideo("empty file")
+    return data
+
+
 def open_video(path: str | bytes, timeout_s: float = 0.0):
     """An open PyAV container with a video stream; ``timeout_s > 0`` bounds each blocking read.
 
@@ -32,18 +46,11 @@ def open_video(path: str | bytes, timeout_s: float = 0.0):
     the encoded video itself (``bytes``, e.g. a tar shard's member)."""
     import av  # imported lazily: the synthetic data path needs no PyAV
 
+    path = _in_memory(path)
     if isinstance(path, bytes):
         if not path:
             raise UnreadableVideo("empty member")
         source = io.BytesIO(path)
-    elif fs.is_url(path):
-        try:
-            data = fs.read_bytes(path)
-        except (FileNotFoundError, IsADirectoryError):
-            raise UnreadableVideo("file not found") from None
-        if not data:
-            raise UnreadableVideo("empty file")
-        source = io.BytesIO(data)
     else:
         if not os.path.exists(path):
             raise UnreadableVideo("file not found")
@@ -142,6 +149,8 @@ def load_clip(path: str | bytes, num_frames: int, rng: np.random.Generator | Non
     error.
     """
     with time_limit(timeout_s) as deadline:
+        where = "an in-memory video" if isinstance(path, bytes) else path
+        path = _in_memory(path)  # a URL is read once; every pass below decodes the same bytes
         with open_video(path, timeout_s) as container:
             total = int(container.streams.video[0].frames or 0)
             duration = _stream_duration_s(container) if _needs_length(entry) else None
@@ -160,8 +169,7 @@ def load_clip(path: str | bytes, num_frames: int, rng: np.random.Generator | Non
             raise UnreadableVideo("zero decodable frames")
         if counted:  # the count came from decoding; a shorter second decode is not a clean video
             raise UnreadableVideo(f"decoding is not repeatable ({total} frames counted, then {n})")
-        logger.info("%s: the header says %d frames but only %d decode; sampling from %d",
-                    "an in-memory video" if isinstance(path, bytes) else path, total, n, n)
+        logger.info("%s: the header says %d frames but only %d decode; sampling from %d", where, total, n, n)
         if rng is not None:
             rng = np.random.default_rng(seed)
         indices = _clip_indices(entry, n, duration, num_frames, rng, min_frames)

@@ -224,6 +224,20 @@ def test_lists_videos_and_frames_from_memory_urls(media, tmp_path, caplog):
     assert f"{lst}:5: malformed line 'frames 1 x'" in caplog.text
 
 
+def test_a_url_video_is_read_once_per_clip(media, tmp_path, monkeypatch):
+    """However many passes decoding takes (header, count, decode), the file is fetched once."""
+    from ivfast.data import fs
+    from ivfast.data.video_list import load_clip
+
+    with open(media["video"], "rb") as f:
+        root = _memory_tree(f"/ivfast-once-{tmp_path.name}", {"v.mp4": f.read()})
+    reads = []
+    real = fs.read_bytes
+    monkeypatch.setattr(fs, "read_bytes", lambda path: reads.append(path) or real(path))
+    frames = load_clip(root + "/v.mp4", 4, None)
+    assert frames.shape[0] == 4 and reads == [root + "/v.mp4"]
+
+
 def test_file_urls_and_csv_through_fsspec(media, tmp_path):
     pytest.importorskip("fsspec")
     lst = write_text(tmp_path, "l.csv", "path,label\nv.mp4,3\n")
