@@ -137,6 +137,19 @@ def train_transform(
     return normalize(x, mean, std)
 
 
+def resize_short_side(frames, size: int) -> torch.Tensor:
+    """uint8 frames ``(T, H, W, C)`` -> uint8 ``(T, C, H', W')`` with the short side ``size``
+    and the aspect ratio kept (the long side rounded, at least ``size``): the evaluation views'
+    resize."""
+    x = _as_uint8_thwc(frames)
+    _, h, w, _ = x.shape
+    if h <= w:
+        new_h, new_w = size, max(size, int(round(w * size / h)))
+    else:
+        new_h, new_w = max(size, int(round(h * size / w))), size
+    return _resize_tchw(x.permute(0, 3, 1, 2), new_h, new_w)
+
+
 def eval_transform(
     frames,
     out_size: int,
@@ -148,14 +161,9 @@ def eval_transform(
 
     ``frames``: uint8 ``(T, H, W, C)``. Returns float32 ``(C, T, out_size, out_size)``.
     """
-    x = _as_uint8_thwc(frames)
-    t, h, w, _ = x.shape
     out_size = int(out_size)
-    if h <= w:
-        new_h, new_w = out_size, max(out_size, int(round(w * out_size / h)))
-    else:
-        new_h, new_w = max(out_size, int(round(h * out_size / w))), out_size
-    x = _resize_tchw(x.permute(0, 3, 1, 2), new_h, new_w)
+    x = resize_short_side(frames, out_size)
+    new_h, new_w = x.shape[-2:]
     y0 = (new_h - out_size) // 2
     x0 = (new_w - out_size) // 2
     x = x[:, :, y0: y0 + out_size, x0: x0 + out_size]

@@ -165,18 +165,10 @@ def crop_views(frames, size: int, crops: int, mean=None, std=None) -> torch.Tens
     """uint8 frames ``(T, H, W, 3)`` -> float32 ``(crops, 3, T, size, size)``: the short side
     resized to ``size`` (as :func:`ivfast.data.transforms.eval_transform`, whose centre crop
     is the one-crop view), then :func:`crop_offsets` crops, normalised."""
-    from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+    from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_short_side
 
-    x = torch.as_tensor(np.ascontiguousarray(frames))
-    if x.dtype != torch.uint8 or x.ndim != 4:
-        raise ValueError(f"crop_views needs uint8 frames (T, H, W, C), got {tuple(x.shape)} {x.dtype}")
-    _, h, w, _ = x.shape
-    if h <= w:
-        new_h, new_w = size, max(size, round(w * size / h))
-    else:
-        new_h, new_w = max(size, round(h * size / w)), size
-    x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=False)
+    x = resize_short_side(frames, size)
+    new_h, new_w = x.shape[-2:]
     mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
     return torch.stack([normalize(x[:, :, y:y + size, x0:x0 + size], mean, std)
                         for y, x0 in crop_offsets(new_h, new_w, size, crops)])
@@ -253,9 +245,7 @@ class _EachView:
         self.backbone, self.chunk = backbone, max(1, int(chunk))
 
     def __call__(self, video: torch.Tensor) -> torch.Tensor:
-        flat = video.flatten(0, 1)
-        tok = torch.cat([self.backbone(flat[i:i + self.chunk]) for i in range(0, flat.shape[0], self.chunk)])
-        return tok.unflatten(0, tuple(video.shape[:2]))
+        return self.backbone.extract(video.flatten(0, 1), self.chunk).unflatten(0, tuple(video.shape[:2]))
 
 
 def combine_views(logits: torch.Tensor, how: str = "softmax") -> torch.Tensor:
@@ -270,7 +260,9 @@ def combine_views(logits: torch.Tensor, how: str = "softmax") -> torch.Tensor:
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    """Cross-entropy against soft targets ``(B, classes)``, in float32: the mean over the batch,
+    one per leading index of ``logits`` (``(heads, B, classes)`` -> ``(heads,)``)."""
+    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean(-1)
 
 
 def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -392,13 +384,9 @@ def run(cfg: ProbeConfig, encoder=None) -> dict:
         logits = head(tokens)  # (heads, B, classes)
         target = target.to(device)
         # Each head's mean loss, summed: every head gets exactly its own loss's gradient.
-        loss = soft_cross_entropy(logits, target) * len(head)
-        logs = {}
-        if len(head) > 1:
-            with torch.no_grad():
-                per = -(target * F.log_softmax(logits.detach().float(), dim=-1)).sum(-1).mean(-1)
-            logs["head_losses"] = [round(x, 6) for x in per.tolist()]
-        return loss, logs
+        per = soft_cross_entropy(logits, target)
+        logs = {"head_losses": [round(x, 6) for x in per.detach().tolist()]} if len(head) > 1 else {}
+        return per.sum(), logs
 
     @torch.no_grad()
     def evaluate():

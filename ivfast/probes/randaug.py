@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ivfast.data.collate import sample_key
 from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 __all__ = ["LEVEL_DENOM", "LEVEL_TO_ARG", "RAND_TRANSFORMS", "RAND_INCREASING_TRANSFORMS", "RAND_CHOICE_WEIGHTS_W0",
@@ -452,7 +453,7 @@ class RandAugment:
             choice_weights = tuple(float(v) for v in w / w.sum())
         self.num_ops, self.magnitude, self.magnitude_std, self.prob = int(num_ops), float(magnitude), \
             float(magnitude_std), float(prob)
-        self.magnitude_max, self.upper = magnitude_max, upper
+        self.upper = upper
         self.fill, self.ops, self.choice_weights = tuple(int(v) for v in fill), tuple(ops), choice_weights
         self.translate_pct = float(translate_pct)
 
@@ -529,7 +530,7 @@ class RandAugClips(Dataset):
         return (video.float() * s + m).mul(255.0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
 
     def __getitem__(self, key):
-        index, seed = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
+        index, seed = sample_key(key)
         item = self.base[(index, seed)]
         if item is None:
             return None

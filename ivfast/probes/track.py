@@ -199,9 +199,10 @@ class TrackWindows:
             if len(frames) != len(boxes):
                 raise ValueError(f"{name} video {v}: {len(frames)} frames but {len(boxes)} box annotations")
             pb = [preprocess_boxes(b, t, f"{name} video {v} frame {i}: ") for i, b in enumerate(boxes)]
-            if fps % t.fps:
-                raise ValueError(f"{name} video {v}: fps {t.fps} does not divide its fps {fps}")
-            keep = downsample(list(range(len(frames))), fps, t.fps)
+            try:
+                keep = downsample(list(range(len(frames))), fps, t.fps)
+            except ValueError as e:
+                raise ValueError(f"{name} video {v}: {e}") from None
             pb = [pb[i] for i in keep]
             self.videos.append((frames[keep], pb))
             self.samples += [(v, s, ids) for s, ids in build_windows(pb, t)]
