@@ -356,28 +356,9 @@ class MultiLayerBackbone(FrozenBackbone):
 
     def __init__(self, encoder, layers: list[int]):
         depth = encoder.depth
-        idx = [i + depth if i < 0 else i for i in layers]
-        if not idx or any(not 0 <= i < depth for i in idx):
+        if not layers or any(not -depth <= i < depth for i in layers):
             raise ValueError(f"depth.layers {list(layers)} out of range for an encoder of depth {depth}")
-        super().__init__(encoder, idx[-1])
-        self.layers = idx
-        self._got: dict[int, torch.Tensor] = {}
-        for i in sorted(set(idx)):
-            encoder.blocks[i].register_forward_hook(self._keep(i))
-
-    def _keep(self, i: int):
-        def hook(module, args, output):
-            self._got[i] = output
-        return hook
-
-    @torch.no_grad()
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        self._got = {}
-        last = super().forward(video)
-        n = last.shape[1]
-        out = torch.cat([self._got[i][:, -n:].float() for i in self.layers], dim=-1)
-        self._got = {}
-        return out
+        super().__init__(encoder, list(layers))
 
 
 def log_l1_loss(pred: torch.Tensor, gt: torch.Tensor, min_depth: float, max_depth: float) -> torch.Tensor:

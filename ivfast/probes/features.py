@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -119,7 +120,8 @@ def describe_backbone(info: dict, layer: int = -1) -> list[str]:
 
 
 class FrozenBackbone(nn.Module):
-    """``forward(video (B, 3, T, H, W)) -> tokens (B, N, D)``: patch tokens of block ``layer``.
+    """``forward(video (B, 3, T, H, W)) -> tokens (B, N, D)``: patch tokens of block ``layer``
+    (a list of blocks: their tokens concatenated along channels in that order, repeats allowed).
 
     The encoder never trains: its parameters have ``requires_grad=False``, it stays in eval
     mode whatever ``train()`` is called with, and the forward runs under ``no_grad``.
@@ -132,13 +134,14 @@ class FrozenBackbone(nn.Module):
     :class:`BackboneMismatch`. :meth:`grid` is the token grid of a fitted clip.
     """
 
-    def __init__(self, encoder, layer: int = -1, adapt: bool | None = None):
+    def __init__(self, encoder, layer: int | Sequence[int] = -1, adapt: bool | None = None):
         super().__init__()
         depth = encoder.depth
-        idx = layer + depth if layer < 0 else layer
-        if not 0 <= idx < depth:
+        idx = [i + depth if i < 0 else i for i in ([layer] if isinstance(layer, int) else layer)]
+        if not idx or any(not 0 <= i < depth for i in idx):
             raise ValueError(f"backbone.layer {layer} out of range for an encoder of depth {depth}")
-        encoder.return_layers = (idx,)
+        encoder.return_layers = tuple(sorted(set(idx)))
+        self.layers = [encoder.return_layers.index(i) for i in idx]  # places in the encoder's output layers
         self.encoder = encoder.eval()
         for p in self.encoder.parameters():
             p.requires_grad_(False)
@@ -191,7 +194,8 @@ class FrozenBackbone(nn.Module):
 
     @torch.no_grad()
     def tokens(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cls (B, num_cls, D), patch (B, N, D))`` tokens of block ``layer`` (float32), clips fitted."""
+        """``(cls (B, num_cls, D), patch (B, N, D))`` tokens of block ``layer`` (float32; several
+        blocks concatenated along channels), clips fitted."""
         b, c, t, h, w = video.shape
         self.fit(t, h, w)
         s = self.img_size
@@ -207,7 +211,8 @@ class FrozenBackbone(nn.Module):
             pos.resize_time(tt)
             pos.requires_grad_(False)
         out = self.encoder(video.to(next(self.encoder.parameters()).dtype))
-        x = out.layers[0].float()
+        parts = [out.layers[j].float() for j in self.layers]
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return x[:, :out.num_cls], x[:, out.num_cls:]
 
     @torch.no_grad()
