@@ -200,7 +200,14 @@ def from_pretrained(path: str, *, drop_path: float | None = None, return_layers=
     (the release's ``forward`` output), ``.cls_tokens``. ``drop_path`` overrides the recorded
     training value (e.g. to fine-tune).
     """
-    pre = read_pretrained(path, map_location=map_location)
+    return encoder_from(read_pretrained(path, map_location=map_location), drop_path=drop_path,
+                        return_layers=return_layers, map_location=map_location)
+
+
+def encoder_from(pre: PretrainedEncoder, *, drop_path: float | None = None, return_layers=(),
+                 map_location="cpu") -> VideoEncoder:
+    """The :class:`VideoEncoder` of an export already read (:func:`read_pretrained`), as
+    :func:`from_pretrained` builds it."""
     kwargs = dict(pre.kwargs)
     if drop_path is not None:
         kwargs["drop_path"] = float(drop_path)

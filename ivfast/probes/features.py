@@ -31,7 +31,7 @@ def load_backbone(b: BackboneConfig) -> tuple[nn.Module, dict]:
 def _load_backbone(b: BackboneConfig) -> tuple[nn.Module, dict]:
     from ivfast.export import build_encoder, encoder_kwargs, is_pretrained_dir, run_encoder_state
     from ivfast.models.layers import count_parameters
-    from ivfast.models.pretrained import CONFIG_FILE, FORMAT, LEGACY_FORMAT, encoder_args_of, from_pretrained
+    from ivfast.models.pretrained import encoder_args_of, encoder_from, read_pretrained
 
     source, note = resolve_backbone(b)
     info = {"source": source, "path": "", "note": note}
@@ -39,10 +39,11 @@ def _load_backbone(b: BackboneConfig) -> tuple[nn.Module, dict]:
         if not is_pretrained_dir(b.export_dir):
             raise FileNotFoundError(f"backbone.export_dir {b.export_dir!r} holds no encoder export (config.json + "
                                     "model.safetensors, or encoder.yaml + encoder.safetensors): run ivfast-export")
-        enc = from_pretrained(b.export_dir, drop_path=0.0)  # names each key or shape that does not fit
-        legacy = not os.path.isfile(os.path.join(b.export_dir, CONFIG_FILE))
-        info.update(path=os.path.abspath(b.export_dir), format=LEGACY_FORMAT if legacy else FORMAT)
-        info.update(export_normalisation(b.export_dir))
+        pre = read_pretrained(b.export_dir)
+        enc = encoder_from(pre, drop_path=0.0)  # names each key or shape that does not fit
+        info.update(path=os.path.abspath(b.export_dir), format=pre.format)
+        if pre.mean and pre.std:
+            info.update(mean=list(pre.mean), std=list(pre.std))
     elif source == "checkpoint":
         from ivfast.checkpoint_io import find_run_dir, load_model_state
         from ivfast.config import load_config
@@ -73,26 +74,6 @@ def _load_backbone(b: BackboneConfig) -> tuple[nn.Module, dict]:
     info["parameters"] = count_parameters(enc)
     info["architecture"] = encoder_args_of(enc)
     return enc.eval(), info
-
-
-def export_normalisation(path: str) -> dict:
-    """``{"mean", "std"}`` an export directory records (either layout), or {} when it records none."""
-    import json
-
-    from ivfast.models.pretrained import CONFIG_FILE
-
-    cfg_path, yaml_path = os.path.join(path, CONFIG_FILE), os.path.join(path, "encoder.yaml")
-    if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            c = json.load(f)
-    elif os.path.isfile(yaml_path):
-        import yaml
-
-        with open(yaml_path) as f:
-            c = (yaml.safe_load(f) or {}).get("data") or {}
-    else:
-        return {}
-    return {"mean": list(c["mean"]), "std": list(c["std"])} if c.get("mean") and c.get("std") else {}
 
 
 def load_encoder(b: BackboneConfig):
