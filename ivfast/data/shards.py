@@ -59,6 +59,7 @@ import json
 import logging
 import os
 import re
+import stat
 import tarfile
 import time
 from dataclasses import dataclass
@@ -157,15 +158,6 @@ def split_member(name: str) -> tuple[str, str] | None:
     return (f"{d}/{stem}" if d else stem), ext
 
 
-def _open_binary(path: str):
-    """A binary file object to read ``path`` (local, or an fsspec URL: ``ivfast.data.fs``)."""
-    return fs.open_binary(path)
-
-
-def shard_exists(path: str) -> bool:
-    return fs.isfile(path)
-
-
 class BrokenShard(Exception):
     """A shard that cannot be read on; ``member``: the member where it broke (None: at its start)."""
 
@@ -189,7 +181,7 @@ def iter_samples(path: str) -> Iterator[RawSample]:
     where the shard cannot be read on (the samples before it have been yielded)."""
     member = None
     try:
-        with _open_binary(path) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+        with fs.open_binary(path) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
             cur: RawSample | None = None
             for info in tf:
                 member = info.name
@@ -214,7 +206,7 @@ def count_samples(path: str) -> int:
     that breaks counts the samples whose first header was read (one warning)."""
     n, last, member = 0, None, None
     try:
-        with _open_binary(path) as f:
+        with fs.open_binary(path) as f:
             mode = "r:*" if f.seekable() else "r|*"
             with tarfile.open(fileobj=f, mode=mode) as tf:
                 for info in tf:
@@ -228,20 +220,32 @@ def count_samples(path: str) -> int:
     return n
 
 
-def _stamp(path: str) -> tuple[int, float | str]:
-    """``(size, modification stamp)`` that the cached counts of a shard are checked against."""
+def _stamp(path: str) -> tuple[int, float | str] | None:
+    """``(size, modification stamp)`` that the cached counts of a shard are checked against;
+    None when ``path`` is not a file (one stat, or one fsspec ``info`` request, per shard)."""
     if fs.is_url(path):
         fsys, p = fs.filesystem(path)
-        info = fsys.info(p)
+        try:
+            info = fsys.info(p)
+        except OSError:
+            return None
+        if info.get("type") != "file":
+            return None
         return int(info.get("size") or 0), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
     return int(st.st_size), float(st.st_mtime)
 
 
 def index_shards(paths: Sequence[str], cache: str = "") -> list[int]:
     """The sample count of each shard; ``cache``: a json file of counts reused while a shard's
     size and mtime match, rewritten when anything was counted. Missing shards: ``FileNotFoundError``."""
-    missing = [p for p in paths if not shard_exists(p)]
+    stamps = [_stamp(p) for p in paths]
+    missing = [p for p, s in zip(paths, stamps) if s is None]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(paths)} shards do not exist (first: {missing[0]}); "
                                 f"check data.shards")
@@ -255,8 +259,7 @@ def index_shards(paths: Sequence[str], cache: str = "") -> list[int]:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             logger.warning("shard index %s is unreadable (%s); counting again", cache, e)
     t0, counted, entries = time.perf_counter(), 0, []
-    for p in paths:
-        size, mtime = _stamp(p)
+    for p, (size, mtime) in zip(paths, stamps):
         e = known.get(p)
         if not (e and e.get("size") == size and e.get("mtime") == mtime and isinstance(e.get("samples"), int)):
             e = {"path": p, "size": size, "mtime": mtime, "samples": count_samples(p)}
