@@ -64,8 +64,10 @@ def save_checkpoint(out_dir: str, head: nn.Module, opt: torch.optim.Optimizer, s
             os.remove(os.path.join(d, name))
 
 
-def load_checkpoint(out_dir: str, head: nn.Module, opt: torch.optim.Optimizer) -> dict | None:
-    """Restore head and optimiser from ``OUT/checkpoints``; the saved state dict, or None when there is none."""
+def load_checkpoint(out_dir: str, head: nn.Module, opt: torch.optim.Optimizer, meta: dict | None = None) -> dict | None:
+    """Restore head and optimiser from ``OUT/checkpoints``; the saved state dict, or None when
+    there is none. A value of ``meta`` that the checkpoint stores differently is a ValueError
+    naming both, raised before anything is loaded."""
     from safetensors.torch import load_file
 
     d = _ckpt_dir(out_dir)
@@ -74,6 +76,11 @@ def load_checkpoint(out_dir: str, head: nn.Module, opt: torch.optim.Optimizer) -
         return None
     with open(sp) as f:
         state = json.load(f)
+    for key, want in (meta or {}).items():
+        have = state.get(key)
+        if have is not None and json.loads(json.dumps(have)) != json.loads(json.dumps(want)):
+            raise ValueError(f"cannot resume from {sp}: it was written with {key} = {have}, this run has {want} "
+                             "(use another output_dir, or resume=never)")
     step = int(state["step"])
     head.load_state_dict(load_file(os.path.join(d, f"head_{step:08d}.safetensors")))
     tensors = load_file(os.path.join(d, f"optim_{step:08d}.safetensors"))
@@ -90,20 +97,6 @@ def load_checkpoint(out_dir: str, head: nn.Module, opt: torch.optim.Optimizer) -
         g.update({k: v for k, v in saved.items() if k in g})
     opt.load_state_dict(osd)
     return state
-
-
-def check_checkpoint_meta(out_dir: str, meta: dict) -> None:
-    """Raise ValueError when ``OUT/checkpoints/state.json`` stores a value of ``meta`` that differs."""
-    sp = os.path.join(_ckpt_dir(out_dir), "state.json")
-    if not meta or not os.path.isfile(sp):
-        return
-    with open(sp) as f:
-        state = json.load(f)
-    for key, want in meta.items():
-        have = state.get(key)
-        if have is not None and json.loads(json.dumps(have)) != json.loads(json.dumps(want)):
-            raise ValueError(f"cannot resume from {sp}: it was written with {key} = {have}, this run has {want} "
-                             "(use another output_dir, or resume=never)")
 
 
 def run_training(
@@ -145,8 +138,7 @@ def run_training(
     meta = dict(checkpoint_meta or {})
     step = 0
     if cfg.resume == "auto":
-        check_checkpoint_meta(out, meta)
-        state = load_checkpoint(out, head, opt)
+        state = load_checkpoint(out, head, opt, meta)
         if state is not None:
             step = int(state["step"])
     writer = MetricsWriter(os.path.join(out, "metrics.jsonl"), enabled=True)
