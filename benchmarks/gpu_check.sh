@@ -268,7 +268,6 @@ verdict="all passed"
 if [ -n "${OUT:-}" ]; then  # copies for the device tool: flat, at most 8 files
     mapfile -t new < <(find "$RES" -type f -newer "$LOGDIR/start.stamp" 2>/dev/null)
     tar czf "$OUT/results.tgz" --exclude='*/checkpoints' "${new[@]}" "$LOGDIR" 2>/dev/null
-    cp "$LOG" "$OUT/gpu_check.log"
     for f in "${new[@]}"; do case $f in */gpu_check-*) cp "$f" "$OUT/" ;; esac; done
 fi
 echo "gpu_check: $verdict" | tee -a "$LOG"

@@ -30,8 +30,6 @@ __all__ = ["export", "export_release", "run_encoder_state", "from_pretrained", "
            "CONFIG_FILE", "WEIGHTS_FILE", "CARD_FILE", "PRETRAINED_FORMAT", "FORMAT"]
 
 FORMAT = LEGACY_FORMAT  # the older layout's format string (encoder.yaml), still read everywhere
-ENCODER_FILE = "encoder.safetensors"  # the older layout's files
-ENCODER_YAML = "encoder.yaml"
 RUN_CONFIG = "config.yaml"  # beside a whole-model file: what load_model_state's callers read it with
 
 

@@ -202,10 +202,6 @@ class DiffusionLoss(nn.Module):
                    schedule=cfg.schedule, learn_sigma=cfg.learn_sigma, precision=cfg.precision,
                    chunk_rows=cfg.chunk_rows)
 
-    @property
-    def num_timesteps(self) -> int:
-        return self.diffusion.num_timesteps
-
     def _compute(self, *tensors: torch.Tensor):
         """(context, tensors): fp32 tensors and autocast off when precision is "fp32"."""
         if self.precision != "fp32":

@@ -262,14 +262,11 @@ class GaussianDiffusion:
         frac = (v + 1.0) * 0.5
         return frac * max_log + (1.0 - frac) * min_log
 
-    def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor,
-                        t: torch.Tensor, clip_denoised: bool = False):
+    def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean, log-variance and predicted x_0 of the model's p(x_{t-1} | x_t)."""
         eps, v = self.split_output(model_output, x_t)
         log_var = self.model_log_variance(v, t, x_t)
         pred_x0 = self.predict_xstart_from_eps(x_t, t, eps)
-        if clip_denoised:
-            pred_x0 = pred_x0.clamp(-1.0, 1.0)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
         return mean, log_var, pred_x0
 

@@ -97,9 +97,6 @@ _PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl")
 # Top-level names of the encoder in the release's models (what map_encoder owns).
 ENCODER_NAMES = ("patch_embed.", "blocks.", "cls_token", "pos_embed")
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_BLOCK_PARTS = ("norm1.weight", "attn.qkv.weight", "attn.q_norm.weight", "attn.k_norm.weight", "attn.proj.weight",
-                "attn.proj.bias", "norm2.weight", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")
-_LS_PARTS = ("ls1.gamma", "ls2.gamma")
 
 # Known non-encoder parts of each kind: top-level names (a trailing "." means a module).
 PROJECTOR = ("clip_projector.",)

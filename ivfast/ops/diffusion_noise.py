@@ -219,14 +219,9 @@ if triton is not None:
 
 # Each kernel's plan is a pure function of (shape, dtype, target), called by the launchers and,
 # through launch.capture, by ivfast.ops.compile_check (tiles independent of the dtype).
-def _blocks(M: int, C: int, where):
-    """(BLOCK_M, BLOCK_C, num_warps) at ``where`` (a device or a ``launch.Target``)."""
-    return launch.column_loop_tile(M, C, gpu=launch.as_target(where).gpu)
-
-
 def philox_config(M: int, C: int, dtype: torch.dtype, target: launch.Target) -> launch.Launch:
     """q_sample and the eps-MSE kernels: one program per BLOCK_M rows, looping over column blocks."""
-    block_m, block_c, warps = _blocks(M, C, target)
+    block_m, block_c, warps = launch.column_loop_tile(M, C, gpu=target.gpu)
     return launch.Launch.of((launch.cdiv(M, block_m),), warps, BLOCK_M=block_m, BLOCK_C=block_c)
 
 

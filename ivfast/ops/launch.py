@@ -100,11 +100,6 @@ def target(device: torch.device) -> Target:
     return Target(gpu, sm_count(device), arch, "cuda" if gpu else "interpreter")
 
 
-def as_target(where) -> Target:
-    """A :class:`Target` as it is, or the target of a device."""
-    return where if isinstance(where, Target) else target(torch.device(where))
-
-
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch as its launcher plans it: grid, num_warps and every constexpr."""

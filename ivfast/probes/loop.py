@@ -141,7 +141,7 @@ def run_training(
         state = load_checkpoint(out, head, opt, meta)
         if state is not None:
             step = int(state["step"])
-    writer = MetricsWriter(os.path.join(out, "metrics.jsonl"), enabled=True)
+    writer = MetricsWriter(os.path.join(out, "metrics.jsonl"))
     bar = Progress(total, step, enabled=cfg.progress)
     losses = []
     head.train()

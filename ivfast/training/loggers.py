@@ -76,7 +76,7 @@ class JsonlLogger:
     """``<output_dir>/metrics.jsonl``: the whole record, one JSON object a line."""
 
     def __init__(self, cfg: Config):
-        self.writer = MetricsWriter(os.path.join(cfg.output_dir, "metrics.jsonl"), True)
+        self.writer = MetricsWriter(os.path.join(cfg.output_dir, "metrics.jsonl"))
 
     def log(self, record: dict) -> None:
         self.writer.write(record)

@@ -56,11 +56,11 @@ def _clean(v):
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to ``metrics.jsonl`` (rank 0 only), flushed each line."""
+    """Appends one JSON object per logged step to ``metrics.jsonl``, flushed each line (the
+    caller makes it on rank 0 only)."""
 
-    def __init__(self, path: str, enabled: bool):
-        self.enabled = enabled
-        self._f = open(path, "a", buffering=1) if enabled else None
+    def __init__(self, path: str):
+        self._f = open(path, "a", buffering=1)
 
     def write(self, record: dict) -> None:
         if self._f is not None:

@@ -186,7 +186,8 @@ def test_shape_checks():
 def test_gpu_tiles_in_interpreter(monkeypatch):
     """The GPU's 4 x 128 tiles for C = 588: five column blocks per row tile, the last one masked."""
     monkeypatch.setattr(launch, "gpu_tiles", lambda device: True)
-    assert DN._blocks(19, 588, torch.device("cpu")) == (4, 128, 4)
+    plan = DN.philox_config(19, 588, torch.float32, launch.target(torch.device("cpu")))
+    assert plan == launch.Launch.of((5,), 4, BLOCK_M=4, BLOCK_C=128)
     x, t, seeds = _inputs(19, 588, width=1176)
     check_op(lambda x: DN.q_sample(x, t, seeds, SAB, S1MAB), lambda x: DN.q_sample_reference(x, t, seeds, SAB, S1MAB),
              [x], truth=lambda x: q_sample_truth(seeds)(x, t, SAB, S1MAB), what="q_sample, GPU tiles")
