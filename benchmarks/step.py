@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import on_gpu, write_results  # noqa: E402
 from ivfast.config import RELEASE_WAY, load_config, to_dict  # noqa: E402
-from ivfast.training.flops import count_step_flops, peak_tflops, tokens_per_clip  # noqa: E402
+from ivfast.training.flops import Throughput, count_step_flops, device_peak_tflops, tokens_per_clip  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = [f"configs/stage1_{size}_{variant}.yaml" for size in ("b", "l")
@@ -52,6 +52,11 @@ DEFAULT_CONFIGS = [f"configs/stage1_{size}_{variant}.yaml" for size in ("b", "l"
 PAPER_SHAPE = ["data.batch_size=16", "data.num_frames=16", "model.mask_ratio=0.8"]
 
 WAYS = {"release": RELEASE_WAY, "ivfast": [], "compile": []}
+
+
+def load_row_config(cfg_path: str, overrides: list[str]):
+    """A row's config: ``cfg_path`` relative to the repository (or absolute), with ``overrides``."""
+    return load_config(os.path.join(ROOT, cfg_path), overrides)
 
 
 class _Sync:
@@ -142,8 +147,7 @@ class StepRunner:
 def run_row(cfg_path: str, way: str, overrides: list[str], steps: int, warmup: int, flop_cache: dict) -> dict:
     """Time ``way`` on ``cfg_path``; ``flop_cache`` (resolved config -> FLOPs per step) is filled
     by the first row of a config (the ``compile`` way's config is ``ivfast``'s)."""
-    cfg = load_config(os.path.join(ROOT, cfg_path) if not os.path.isabs(cfg_path) else cfg_path,
-                      overrides + WAYS[way])
+    cfg = load_row_config(cfg_path, overrides + WAYS[way])
     row: dict = {"config": cfg_path, "way": way}
     runner = StepRunner(cfg, way)
     device = runner.device
@@ -174,15 +178,17 @@ def run_row(cfg_path: str, way: str, overrides: list[str], steps: int, warmup: i
     for _ in range(steps):
         runner.step(split)
     total_split = sum(split.times.values())
+    clips_per_s = clips / steps / step_s
+    rate = Throughput(tokens_per_clip(cfg), flops / cfg.data.batch_size if flops else None, 1,
+                      device_peak_tflops(device)[1]).fields(clips_per_s)  # as the trainer reports them
     row.update({
         "step_ms": round(step_s * 1e3, 2),
-        "clips_per_s": round(clips / steps / step_s, 2),
-        "tokens_per_s": round(clips / steps * tokens_per_clip(cfg) / step_s, 1),
+        "clips_per_s": round(clips_per_s, 2),
+        "tokens_per_s": round(rate["tokens_per_s"], 1),
         "tflops_per_step": round(flops / 1e12, 3) if flops else None,
-        "achieved_tflops": round(flops / step_s / 1e12, 2) if flops else None,
+        "achieved_tflops": round(rate["tflops"], 2) if rate["tflops"] is not None else None,
+        "mfu_pct": round(100 * rate["mfu"], 2) if rate["mfu"] is not None else None,
     })
-    peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    row["mfu_pct"] = round(100 * row["achieved_tflops"] / peak, 2) if peak and flops else None
     row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
     for phase in ("data", "teacher", "student_forward", "backward", "optimizer"):
         row[f"{phase}_pct"] = round(100 * split.times.get(phase, 0.0) / total_split, 1) if total_split else None
@@ -207,8 +213,7 @@ def _dry_run(args, overrides: list[str]) -> int:
     for cfg_path in args.configs:
         for way in args.ways:
             try:
-                cfg = load_config(os.path.join(ROOT, cfg_path) if not os.path.isabs(cfg_path) else cfg_path,
-                                  overrides + WAYS[way])
+                cfg = load_row_config(cfg_path, overrides + WAYS[way])
             except ConfigError as e:
                 print(f"dry run: {cfg_path} {way}: {e}")
                 bad += 1
@@ -253,7 +258,7 @@ def main(argv=None) -> int:
     if on_gpu() or args.write:
         print(write_results("step", {"configs": args.configs, "ways": args.ways, "overrides": overrides,
                                      "way_overrides": WAYS, "steps": args.steps, "warmup": args.warmup,
-                                     "resolved": {c: to_dict(load_config(os.path.join(ROOT, c), overrides))
+                                     "resolved": {c: to_dict(load_row_config(c, overrides))
                                                   for c in args.configs}}, rows))
     return 0
 
