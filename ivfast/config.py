@@ -23,6 +23,7 @@ import yaml
 from ivfast.data.config import DataConfig
 from ivfast.models.diffloss import DiffusionConfig
 from ivfast.models.encoder import EncoderConfig
+from ivfast.models.pos_embed import table_time_rows
 from ivfast.models.predictor import PredictorConfig
 from ivfast.models.stage1 import AlignConfig, Stage1Config
 from ivfast.models.stage2 import Stage2ModelConfig
@@ -472,12 +473,12 @@ def stage2_config(cfg: Config, stage1_state: dict | None = None) -> Stage2ModelC
                                   f"read its {key} for model.stage2.pos_resample=per_forward "
                                   f"({str(e).splitlines()[0]})") from None
     if shape is not None:  # no table: load_stage1 names the missing key
-        rows = shape[0] - num_cls
-        if len(shape) != 2 or rows <= 0 or rows % grid_hw:
+        try:
+            pos_frames = table_time_rows(shape, num_cls, grid_hw)
+        except ValueError:
             raise ConfigError(f"config error: model.stage2.init_checkpoint = {s2.init_checkpoint!r}: its {key} "
                               f"{list(shape)} is not {num_cls} CLS rows + t x {grid_hw} patch rows "
-                              "(model.encoder.num_cls_tokens, data.img_size / patch_size as in Stage 1?)")
-        pos_frames = rows // grid_hw
+                              "(model.encoder.num_cls_tokens, data.img_size / patch_size as in Stage 1?)") from None
     return Stage2ModelConfig(num_frames=cfg.data.num_frames, img_size=cfg.data.img_size,
                              encoder=copy.deepcopy(m.encoder), predictor=copy.deepcopy(m.predictor),
                              pos_resample=s2.pos_resample, pos_frames=pos_frames)

@@ -22,6 +22,7 @@ import os
 import sys
 
 
+from ivfast.models.pos_embed import resample_table, table_time_rows
 from ivfast.models.pretrained import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, from_pretrained, is_pretrained_dir
 from ivfast.models.pretrained import FORMAT as PRETRAINED_FORMAT
 from ivfast.models.pretrained import LEGACY_FORMAT
@@ -83,10 +84,11 @@ def stage2_stored_time_rows(cfg, state: dict) -> int:
     if (int(cfg.model.stage) != 2 or table is None or not any(k.startswith("teacher.") for k in state)
             or getattr(cfg.model.stage2, "pos_resample", "") != "per_forward"):
         return 0
-    hw = (cfg.data.img_size // e.patch_size) ** 2
-    rows = table.shape[0] - e.num_cls_tokens
-    t = rows // hw if rows > 0 and rows % hw == 0 else 0
-    return t if t and t != cfg.data.num_frames // e.tubelet_size else 0
+    try:
+        t = table_time_rows(table.shape, e.num_cls_tokens, (cfg.data.img_size // e.patch_size) ** 2)
+    except ValueError:  # not a table of this config: loading it names the problem
+        return 0
+    return t if t != cfg.data.num_frames // e.tubelet_size else 0
 
 
 def run_encoder_state(cfg, state: dict) -> tuple[dict, list[str]]:
@@ -96,8 +98,6 @@ def run_encoder_state(cfg, state: dict) -> tuple[dict, list[str]]:
     enc_state, notes = encoder_state(state), []
     stored_t = stage2_stored_time_rows(cfg, state)
     if stored_t:
-        from ivfast.models.pos_embed import resample_table
-
         e = cfg.model.encoder
         n_cls, t_clip, side = e.num_cls_tokens, cfg.data.num_frames // e.tubelet_size, cfg.data.img_size // e.patch_size
         enc_state["pos.table"] = resample_table(enc_state["pos.table"], n_cls, t_clip, side, side, align_corners=False)

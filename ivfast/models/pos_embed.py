@@ -32,6 +32,16 @@ def interpolate_time(
     return out[0].transpose(0, 1).reshape(t_new * n_s, d).to(table.dtype)
 
 
+def table_time_rows(shape, num_cls: int, patches_per_frame: int, dim: int | None = None) -> int:
+    """The time rows ``t`` of a position table of ``shape`` (num_cls + t * patches_per_frame,
+    ``dim`` or any width); ValueError when the shape is not one."""
+    rows = shape[0] - num_cls if len(shape) == 2 and dim in (None, shape[1]) else -1
+    if rows <= 0 or rows % patches_per_frame:
+        raise ValueError(f"a table of shape {tuple(shape)} is not {num_cls} CLS rows + t x {patches_per_frame} "
+                         "patch rows")
+    return rows // patches_per_frame
+
+
 def resample_table(table: torch.Tensor, num_cls: int, t_new: int, h: int, w: int, *,
                    align_corners: bool) -> torch.Tensor:
     """A whole (num_cls + t*h*w, D) table (e.g. a checkpoint's ``pos.table``) resampled in time to
@@ -40,10 +50,8 @@ def resample_table(table: torch.Tensor, num_cls: int, t_new: int, h: int, w: int
     ``align_corners=False`` gives the rows a :class:`PositionTable` with ``resample_time`` uses
     in its forward, e.g. to export a Stage-2 encoder trained that way at its clip length.
     """
-    rows = table.shape[0] - num_cls if table.ndim == 2 else -1
-    if rows <= 0 or rows % (h * w):
-        raise ValueError(f"a table of shape {tuple(table.shape)} is not {num_cls} CLS rows + t x {h} x {w} patch rows")
-    patch = interpolate_time(table[num_cls:], rows // (h * w), t_new, h, w, align_corners=align_corners)
+    t = table_time_rows(table.shape, num_cls, h * w)
+    patch = interpolate_time(table[num_cls:], t, t_new, h, w, align_corners=align_corners)
     return torch.cat([table[:num_cls], patch], dim=0)
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ivfast.models.encoder import EncoderConfig, VideoEncoder
 from ivfast.models.heads import MLPHead, cosine_align_loss
-from ivfast.models.pos_embed import PositionTable, resample_table
+from ivfast.models.pos_embed import PositionTable, resample_table, table_time_rows
 from ivfast.models.predictor import Predictor, PredictorConfig, predict_masked
 from ivfast.models.weights import LoadReport
 from ivfast.ops.token_gather import gather_tokens
@@ -241,9 +241,9 @@ def _stored_time_rows(cfg: Stage2ModelConfig, clip_t: int) -> int:
 def _checkpoint_time_rows(value: torch.Tensor, table: PositionTable, key: str) -> int:
     """The time rows of a checkpoint position table (num_cls + t*h*w, D) for ``table``'s h, w, D."""
     _, h, w = table.grid
-    rows = value.shape[0] - table.num_cls
-    if value.ndim != 2 or value.shape[1] != table.dim or rows <= 0 or rows % (h * w):
+    try:
+        return table_time_rows(value.shape, table.num_cls, h * w, table.dim)
+    except ValueError:
         raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} cannot be a position table for "
                          f"{table.num_cls} CLS rows + t x {h} x {w} patches of width {table.dim} "
-                         "(only the frame count may differ between Stage 1 and Stage 2)")
-    return rows // (h * w)
+                         "(only the frame count may differ between Stage 1 and Stage 2)") from None
