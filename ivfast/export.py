@@ -244,7 +244,8 @@ def export_release(checkpoint: str, out_dir: str, *, heads: int | None = None, n
             raise NotImplementedError(f"importing a release Stage-1 model needs ivfast.models.release_stage1 ({e})")
         plain = {k[len(imp.prefix):]: v for k, v in state.items()}
         s1_model_cfg = infer_stage1_config(plain, heads=heads, num_frames=num_frames, img_size=img_size)
-        s1_state, _ = map_stage1(plain, s1_model_cfg)
+        s1_state, _ = map_stage1(plain, s1_model_cfg,  # the encoder as import_release_encoder mapped it
+                                 encoder=(imp.encoder_state, [k[len(imp.prefix):] for k in imp.consumed]))
         s1_cfg = _stage1_run_config(s1_model_cfg)
         validate(s1_cfg)
         want, got = dataclasses.asdict(s1_model_cfg), dataclasses.asdict(stage1_config(s1_cfg))

@@ -263,7 +263,8 @@ def _format(keys, limit: int = 10) -> str:
     return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def map_stage1(state: Mapping[str, torch.Tensor], cfg: Stage1Config | None = None
+def map_stage1(state: Mapping[str, torch.Tensor], cfg: Stage1Config | None = None, *,
+               encoder: tuple[dict[str, torch.Tensor], list[str]] | None = None
                ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """ivfast's :class:`Stage1Model` state dict from a release Stage-1 state dict (unwrapped),
     and the release keys consumed (encoder keys first, then the rest in the table's order).
@@ -274,7 +275,9 @@ def map_stage1(state: Mapping[str, torch.Tensor], cfg: Stage1Config | None = Non
     keys and shapes are those of ``Stage1Model(cfg)``, ``cfg`` by default
     :func:`infer_stage1_config`'s (pass one for a width or table size it cannot settle alone);
     the dict loads into that model with ``strict=True``. Floating tensors come back as float32
-    (as :func:`~ivfast.models.release.map_encoder` returns the encoder's).
+    (as :func:`~ivfast.models.release.map_encoder` returns the encoder's). ``encoder``: what
+    ``map_encoder(state, prefix="")`` returns, when the caller has it already (a whole-model
+    import maps the encoder once).
     """
     _check_unwrapped(state)
     _check_representable(state)
@@ -288,7 +291,7 @@ def map_stage1(state: Mapping[str, torch.Tensor], cfg: Stage1Config | None = Non
 
     out: dict[str, torch.Tensor] = {}
     consumed: list[str] = []
-    enc_sd, enc_keys = map_encoder(state, prefix="")
+    enc_sd, enc_keys = map_encoder(state, prefix="") if encoder is None else encoder
     for k, v in enc_sd.items():
         out[f"encoder.{k}"] = v
     consumed += list(enc_keys)
