@@ -1,6 +1,5 @@
 """model.init: the release's initialisation applied from outside the modules (ivfast.models.init)."""
 import math
-import os
 
 import pytest
 import torch
@@ -9,16 +8,11 @@ from ivfast.config import load_config, stage1_config, stage2_config
 from ivfast.models.init import apply_init, block_output_divisor
 from ivfast.models.stage1 import Stage1Model
 from ivfast.models.stage2 import Stage2Model
-from tests.support import ROOT
-
-
-def cfg_of(name, *overrides):
-    return load_config(os.path.join(ROOT, "configs", f"{name}.yaml"), list(overrides))
 
 
 def stage1(seed=0, *overrides, scheme=None):
     torch.manual_seed(seed)
-    model = Stage1Model(stage1_config(cfg_of("tiny", *overrides)))
+    model = Stage1Model(stage1_config(load_config("tiny", list(overrides))))
     if scheme:
         apply_init(model, scheme)
     return model
@@ -26,7 +20,7 @@ def stage1(seed=0, *overrides, scheme=None):
 
 def stage2(seed=0, scheme=None):
     torch.manual_seed(seed)
-    model = Stage2Model(stage2_config(cfg_of("stage2_tiny", "model.stage2.init_checkpoint=x")))
+    model = Stage2Model(stage2_config(load_config("stage2_tiny", ["model.stage2.init_checkpoint=x"])))
     if scheme:
         apply_init(model, scheme)
     return model

@@ -13,11 +13,7 @@ from ivfast.models.stage1 import Stage1Model, student_return_layers
 from ivfast.models.stage2 import Stage2Model
 from ivfast.rng import SampleRNG
 from ivfast.training.step import Stage1Step, build_teacher, draw_mask, run_teacher, visible_teacher_layers
-from tests.support import ROOT, no_host_reads, stage1_model
-
-
-def cfg_of(name, overrides=()):
-    return load_config(os.path.join(ROOT, "configs", f"{name}.yaml"), list(overrides))
+from tests.support import no_host_reads, stage1_model
 
 
 
@@ -63,7 +59,7 @@ def diffusion_params(c=588, z=1024, w=1536, depth=6, learn_sigma=True):
     ("stage1_b_diffusion", 768, 12), ("stage1_l_diffusion", 1024, 24),
 ])
 def test_parameter_counts_on_meta(name, width, depth):
-    cfg = cfg_of(name)
+    cfg = load_config(name)
     with torch.device("meta"):
         model = stage1_model(cfg)
     n = 16 * 16 * 16
@@ -84,7 +80,7 @@ def test_parameter_counts_on_meta(name, width, depth):
 
 
 def test_shapes_of_the_b_config():
-    cfg = cfg_of("stage1_b_diffusion")
+    cfg = load_config("stage1_b_diffusion")
     with torch.device("meta"):
         model = stage1_model(cfg)
         teacher = build_teacher(cfg)
@@ -114,7 +110,7 @@ def test_parameter_names_and_shapes_are_pinned(name):
     with open(os.path.join(os.path.dirname(__file__), "parameter_names.json")) as f:
         pinned = json.load(f)[name]
     stage2 = name.startswith("stage2")
-    cfg = cfg_of(name, ["model.stage2.init_checkpoint=x"] if stage2 else [])
+    cfg = load_config(name, ["model.stage2.init_checkpoint=x"] if stage2 else [])
     with torch.device("meta"):
         model = Stage2Model(stage2_config(cfg)) if stage2 else Stage1Model(stage1_config(cfg))
     assert [[n, list(p.shape)] for n, p in model.named_parameters()] == pinned["parameters"]
@@ -122,7 +118,7 @@ def test_parameter_names_and_shapes_are_pinned(name):
 
 
 def _tiny_step(recon="diffusion", extra=()):
-    cfg = cfg_of("tiny", [f"model.recon={recon}", *extra])
+    cfg = load_config("tiny", [f"model.recon={recon}", *extra])
     torch.manual_seed(0)
     return cfg, Stage1Step(cfg)
 
@@ -209,7 +205,7 @@ def test_teacher_and_predictor_weights_load_from_config(tmp_path):
     """model.teacher.weights / model.predictor.init_weights take local safetensors into the built step."""
     from safetensors.torch import save_file
 
-    cfg = cfg_of("tiny")
+    cfg = load_config("tiny")
     torch.manual_seed(123)
     donor_teacher = build_teacher(cfg)
     donor_pred = stage1_model(cfg).predictor
@@ -219,7 +215,7 @@ def test_teacher_and_predictor_weights_load_from_config(tmp_path):
     save_file({f"model.layers.{first + i}.{k.split('.', 2)[2]}": v.contiguous()
                for k, v in donor_pred.layers.state_dict(prefix="layers.").items()
                for i in [int(k.split(".")[1])]}, p_path)
-    cfg = cfg_of("tiny", [f"model.teacher.weights={t_path}", f"model.predictor.init_weights={p_path}",
+    cfg = load_config("tiny", [f"model.teacher.weights={t_path}", f"model.predictor.init_weights={p_path}",
                           "model.teacher.init_seed=7"])
     step = Stage1Step(cfg)
     for k, v in donor_teacher.state_dict().items():
@@ -235,7 +231,7 @@ def test_visible_teacher_layers_give_the_same_alignment_loss():
     from ivfast.models.heads import cosine_align_loss
     from ivfast.ops.token_gather import gather_tokens
 
-    cfg = cfg_of("tiny", ["model.recon=none", "model.encoder.drop_path=0.0"])
+    cfg = load_config("tiny", ["model.recon=none", "model.encoder.drop_path=0.0"])
     torch.manual_seed(3)
     step = Stage1Step(cfg)
     model, teacher = step.model, step.teacher

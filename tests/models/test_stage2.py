@@ -1,6 +1,5 @@
 """Stage-2 model on the tiny configs: losses, frozen/EMA teacher, loading a Stage-1 state dict,
 position tables resampled per forward (the release) or at load."""
-import os
 
 import pytest
 import torch
@@ -15,17 +14,13 @@ from ivfast.models.predictor import predict_masked
 from ivfast.rng import SampleRNG
 from ivfast.training.optim import build_optimizer
 from ivfast.training.step import draw_views
-from tests.support import ROOT, no_host_reads, stage1_model, stage2_model
-
-
-def cfg_of(name, *overrides):
-    return load_config(os.path.join(ROOT, "configs", f"{name}.yaml"), list(overrides))
+from tests.support import no_host_reads, stage1_model, stage2_model
 
 
 @pytest.fixture(scope="module")
 def stage1_state():
     torch.manual_seed(0)
-    s1 = stage1_model(cfg_of("tiny"))  # 4 frames
+    s1 = stage1_model(load_config("tiny"))  # 4 frames
     with torch.no_grad():  # make the learnable tables differ from sincos so interpolation is visible
         s1.encoder.pos.table.add_(0.1 * torch.randn_like(s1.encoder.pos.table))
         s1.predictor_pos.table.add_(0.1 * torch.randn_like(s1.predictor_pos.table))
@@ -42,7 +37,7 @@ def stage1_file(stage1_state, tmp_path_factory):
 
 def s2_cfg(stage1_file, *overrides):
     """configs/stage2_tiny.yaml (8 frames) started from the 4-frame Stage-1 file."""
-    return cfg_of("stage2_tiny", f"model.stage2.init_checkpoint={stage1_file}", *overrides)
+    return load_config("stage2_tiny", [f"model.stage2.init_checkpoint={stage1_file}", *overrides])
 
 
 def tiny_stage2(stage1_state, stage1_file, *overrides):
@@ -168,7 +163,7 @@ def test_load_stage1_interpolates_4_to_8_frames_and_copies_into_the_teacher(stag
 
 def test_same_frames_reuses_the_stage1_computation(stage1_state, stage1_file):
     """At Stage 1's frame count: teacher targets are Stage 1's last-block tokens, the predictor path is Stage 1's."""
-    cfg1 = cfg_of("tiny", "model.encoder.drop_path=0.0")
+    cfg1 = load_config("tiny", ["model.encoder.drop_path=0.0"])
     s1 = stage1_model(cfg1)
     s1.load_state_dict(stage1_state)
     s1.eval()
@@ -294,7 +289,7 @@ def test_a_per_forward_model_rebuilt_from_its_config_loads_its_own_state(stage1_
 
 
 def test_pos_frames_errors_name_the_keys(stage1_state, stage1_file, tmp_path):
-    unknown = stage2_model(cfg_of("stage2_tiny", "model.stage2.init_checkpoint=no/such/run"))
+    unknown = stage2_model(load_config("stage2_tiny", ["model.stage2.init_checkpoint=no/such/run"]))
     assert unknown.cfg.pos_frames == 0 and unknown.encoder.pos.table.shape == (4 + 8 * 16, 64)
     with pytest.raises(ValueError, match=r"4 time rows.*stores 8.*pos_frames=4.*model.stage2.pos_resample=at_load"):
         unknown.load_stage1(stage1_state)

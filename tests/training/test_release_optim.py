@@ -1,7 +1,6 @@
 """The release's training-side defaults: lr scaling by the global batch, its warmup + cosine
 schedule, the teacher layers of the ViT-L config and the weight-decay exemptions."""
 import math
-import os
 
 import numpy as np
 import pytest
@@ -15,11 +14,7 @@ from ivfast.training.optim import (
     effective_lr,
     param_groups,
 )
-from tests.support import ROOT, stage1_model, stage2_model
-
-
-def cfg_of(name, overrides=()):
-    return load_config(os.path.join(ROOT, "configs", f"{name}.yaml"), list(overrides))
+from tests.support import stage1_model, stage2_model
 
 
 # ----------------------------------------------------------------------------- lr scaling
@@ -31,7 +26,7 @@ PAPER_RUNS = [("stage1_b_diffusion", 8e-3, 8e-5, 2048), ("stage1_l_diffusion", 8
 
 @pytest.mark.parametrize("name,lr,min_lr,batch", PAPER_RUNS, ids=[r[0] for r in PAPER_RUNS])
 def test_paper_configs_reach_the_release_peak_lr_on_128_gpus(name, lr, min_lr, batch):
-    cfg = cfg_of(name, ["model.stage2.init_checkpoint=x"] if name.startswith("stage2") else [])
+    cfg = load_config(name, ["model.stage2.init_checkpoint=x"] if name.startswith("stage2") else [])
     assert cfg.train.lr_scaling == "batch256"
     eff = effective_lr(cfg.train, cfg.data.batch_size, 128)
     assert eff.global_batch == batch and eff.factor == batch / 256
@@ -40,14 +35,14 @@ def test_paper_configs_reach_the_release_peak_lr_on_128_gpus(name, lr, min_lr, b
 
 
 def test_scaling_counts_every_clip_of_an_optimiser_step():
-    cfg = cfg_of("stage1_b_diffusion", ["train.grad_accum=2", "train.warmup_lr=1e-6"])
+    cfg = load_config("stage1_b_diffusion", ["train.grad_accum=2", "train.warmup_lr=1e-6"])
     eff = effective_lr(cfg.train, 16, 64)  # 16 x 64 x 2 = 2048 clips, as the release's update_freq
     assert eff.global_batch == 2048 and math.isclose(eff.lr, 8e-3) and math.isclose(eff.warmup_lr, 8e-6)
 
 
 @pytest.mark.parametrize("name", ["tiny", "stage2_tiny"])
 def test_tiny_configs_use_absolute_rates(name):
-    cfg = cfg_of(name)
+    cfg = load_config(name)
     assert cfg.train.lr_scaling == "none"
     for world in (1, 8):
         eff = effective_lr(cfg.train, cfg.data.batch_size, world)
@@ -56,7 +51,7 @@ def test_tiny_configs_use_absolute_rates(name):
 
 def test_warmup_lr_is_validated():
     with pytest.raises(ConfigError, match="train.warmup_lr = -1.0"):
-        cfg_of("tiny", ["train.warmup_lr=-1"])
+        load_config("tiny", ["train.warmup_lr=-1"])
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -79,7 +74,7 @@ def release_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warm
     (5, 3, 2, 0.0), (4, 1, 1, 0.0),  # a one-step warmup: that step at the warmup start
     (6, 5, 2, 1e-6)])  # a non-zero start (train.warmup_lr)
 def test_schedule_is_the_release_cosine_scheduler(epochs, niter, warmup_epochs, warmup_lr):
-    cfg = cfg_of("stage1_b_diffusion", [f"train.warmup_lr={warmup_lr}"])
+    cfg = load_config("stage1_b_diffusion", [f"train.warmup_lr={warmup_lr}"])
     eff = effective_lr(cfg.train, cfg.data.batch_size, 128)
     total, warmup = epochs * niter, warmup_epochs * niter  # as the trainer derives them
     schedule = LRSchedule(eff.lr, eff.min_lr, total, warmup, eff.warmup_lr)
@@ -99,8 +94,8 @@ def test_large_config_distills_the_release_teacher_layers():
     embeddings; i: the output of the i-th layer), as the release's encoder loop collects them."""
     for name, interval, want in (("stage1_b_diffusion", 3.33, (23, 26, 30, 33, 36, 39)),
                                  ("stage1_l_diffusion", 1.67, (31, 33, 34, 36, 38, 39))):
-        t = cfg_of(name).model.teacher
-        k = cfg_of(name).model.align.num_layers
+        t = load_config(name).model.teacher
+        k = load_config(name).model.align.num_layers
         assert (t.depth, k, t.layer_interval) == (40, 6, interval)
         release = sorted(t.depth - int(i * t.layer_interval) - 1 for i in range(k))
         assert tuple(teacher_return_layers(t.depth, k, t.layer_interval)) == tuple(release) == want
@@ -145,7 +140,7 @@ TO_RELEASE = {"encoder.pos.table": ("pos_embed", 3), "encoder.cls_token": ("cls_
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_decay_groups_under_both_rules(stage):
-    cfg = cfg_of("tiny") if stage == 1 else cfg_of("stage2_tiny", ["model.stage2.init_checkpoint=x"])
+    cfg = load_config("tiny") if stage == 1 else load_config("stage2_tiny", ["model.stage2.init_checkpoint=x"])
     torch.manual_seed(0)
     model = stage1_model(cfg) if stage == 1 else stage2_model(cfg)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
