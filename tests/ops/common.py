@@ -1,18 +1,45 @@
 """Helpers of the op tests: inputs, a kernel checked against its reference (forward and every
 gradient) under the tolerance rule of :func:`tests.support.assert_close_to_ref`, a stand-in for
-a kernel that must not launch, and the bytes an autograd graph keeps for backward."""
+a kernel that must not launch, the bytes an autograd graph keeps for backward, and code run
+with compiled (not interpreted) kernels in a fresh interpreter."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Callable, Optional, Sequence
 
+import pytest
 import torch
 
 from ivfast.memory.saved_tensors import saved_bytes as measure_saved
 from ivfast.ops.dispatch import interpreting
-from tests.support import assert_close_to_ref
+from tests.support import ROOT, assert_close_to_ref, run_env
 
 # Where the kernels run: compiled on a GPU, else through the interpreter on the CPU.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not interpreting() else "cpu")
+
+cuda = pytest.mark.skipif(interpreting() or not torch.cuda.is_available(), reason="needs a GPU and TRITON_INTERPRET=0")
+
+
+def _have_ptxas() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return os.path.exists(get_ptxas(90).path)
+    except Exception:  # noqa: BLE001 - no NVIDIA backend: no ptxas
+        return False
+
+
+needs_ptxas = pytest.mark.skipif(not _have_ptxas(), reason="no ptxas in this triton install")
+
+
+def compiled_python(code: str, timeout: int = 120, **env) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter at the repository root without TRITON_INTERPRET (the
+    kernels are real JIT functions), ``env`` added to its environment."""
+    extra = {"PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=run_env(**extra), capture_output=True,
+                          text=True, timeout=timeout)
 
 # Float32 arithmetic noise allowed on top of the rule: a few float32 ulps at the values' scale
 # (a different summation order where PyTorch's own error happens to be tiny, or exactly zero).

@@ -5,9 +5,6 @@ sm_80 and sm_90a with Triton's ptxas, the exit logic catches spills and slow com
 occupancy and roofline arithmetic match hand-computed values."""
 import collections
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,29 +14,9 @@ import triton.language as tl
 from ivfast.ops import adaln, diffusion_noise, dispatch, launch, rmsnorm, roofline, timestep_embedding, token_gather
 from ivfast.compile_check import config_shapes
 from ivfast.ops import compile_check as CC
+from tests.ops.common import compiled_python, needs_ptxas
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAPER = ("stage1_b_diffusion", "stage1_l_diffusion")
-
-
-def _have_ptxas() -> bool:
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        return os.path.exists(get_ptxas(90).path)
-    except Exception:  # noqa: BLE001
-        return False
-
-
-needs_ptxas = pytest.mark.skipif(not _have_ptxas(), reason="no ptxas in this triton install")
-
-
-def _compiled_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``code`` in a fresh interpreter without TRITON_INTERPRET (real JIT functions), repo on the path."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 # ----------------------------------------------------------------------------- shapes from the configs
@@ -277,7 +254,7 @@ print("RESULT", json.dumps({"rows": rows, "exit": CC.exit_code(rows)}, default=s
 
 @needs_ptxas
 def test_a_spilling_kernel_fails_the_check():
-    res = _compiled_python(_SPILL)
+    res = compiled_python(_SPILL, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.split("RESULT", 1)[1])
     (row,) = out["rows"]
@@ -289,7 +266,7 @@ def test_a_spilling_kernel_fails_the_check():
 def test_kernels_compile_for_sm80_and_sm90a():
     """The tool itself, for the tiny config's gated-residual kernels: builds for sm_80 and sm_90a,
     registers reported, no spills, exit 0 (read from the compile cache when `make test` ran it)."""
-    res = _compiled_python("import sys; from ivfast.compile_check import main; "
+    res = compiled_python("import sys; from ivfast.compile_check import main; "
                            "sys.exit(main(['--configs', 'tiny', '--kernels', 'adaln.gated', '--no-roofline', "
                            "'--table']))")
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]

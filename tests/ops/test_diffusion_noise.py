@@ -4,10 +4,7 @@ exact values use the float64 Box-Muller of the Philox uniforms (tests/ops/philox
 kernel's tl.randn and the float32 reference both round on the way to them. CUDA tests run with
 TRITON_INTERPRET=0 on a GPU machine; the kernels' sm_90 build is checked with Triton's ptxas."""
 import math
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,12 +12,9 @@ import torch
 from ivfast.ops import diffusion_noise as DN
 from ivfast.ops import dispatch, launch
 from ivfast.ops.philox import philox_randn_reference
-from tests.ops.common import DEVICE, NoLaunch, check_op, close
+from tests.ops.common import DEVICE, NoLaunch, check_op, close, compiled_python, cuda, needs_ptxas
 from tests.ops.philox_kernels import philox_randn_f64
-from tests.support import ROOT
 
-cuda = pytest.mark.skipif(dispatch.interpreting() or not torch.cuda.is_available(),
-                          reason="needs a GPU and TRITON_INTERPRET=0")
 
 
 def cosine_tables(T=1000):
@@ -269,21 +263,12 @@ build(PK._philox_rows_kernel, {"seeds_ptr": "*i64", "out_ptr": "*fp32", "M": "i3
 """
 
 
+@needs_ptxas
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
     """The compiled (not interpreted) kernels build for an H100 (sm_90) with Triton's own ptxas,
     at the block sizes the GPU heuristic picks, and ptxas reports no register spills."""
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        if not os.path.exists(get_ptxas(90).path):
-            pytest.skip("no ptxas in this triton install")
-    except Exception as e:  # pragma: no cover
-        pytest.skip(f"triton's NVIDIA backend unavailable: {e}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1", TRITON_CACHE_DIR=str(tmp_path))
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", _AOT], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+    res = compiled_python(_AOT, timeout=300, TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1",
+                          TRITON_CACHE_DIR=str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("KERNEL") == 7
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", res.stdout)]

@@ -1,27 +1,16 @@
 """ivfast.ops.dispatch: the process-wide switches, which implementation serves a call (a CPU process
 without TRITON_INTERPRET runs every reference and launches nothing), and ivfast.ops importing
 nothing else of ivfast."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from ivfast.ops import dispatch
-from tests.support import ROOT
-
-
-def run_python(code: str, **env_extra) -> subprocess.CompletedProcess:
-    """``code`` in a fresh interpreter at the repository root, without TRITON_INTERPRET."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(env_extra)
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+from tests.ops.common import compiled_python
 
 
 def test_ops_import_nothing_else_of_ivfast():
-    res = run_python(
+    res = compiled_python(
         "import importlib, pkgutil, sys\n"
         "import ivfast.ops\n"
         "names = [m.name for m in pkgutil.iter_modules(ivfast.ops.__path__)]\n"
@@ -82,7 +71,7 @@ print("ok")
 
 def test_cpu_without_interpreter_runs_every_reference():
     """Without TRITON_INTERPRET, CPU tensors take the references of every op, forward and backward."""
-    res = run_python(_REFERENCES_ONLY)
+    res = compiled_python(_REFERENCES_ONLY)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
@@ -119,6 +108,6 @@ def test_use_triton_and_lean_applies(monkeypatch):
 
 
 def test_kernels_switch_follows_ivfast_kernels_at_import():
-    res = run_python("from ivfast.ops import dispatch; print(dispatch.fused_enabled(), dispatch.lean_enabled())",
+    res = compiled_python("from ivfast.ops import dispatch; print(dispatch.fused_enabled(), dispatch.lean_enabled())",
                      IVFAST_KERNELS="0")
     assert res.returncode == 0 and res.stdout.split() == ["False", "True"], res.stderr[-2000:]

@@ -10,12 +10,10 @@ import torch
 from ivfast.ops import dispatch
 from ivfast.ops import philox as P
 from ivfast.ops.diffusion_noise import row_seeds
-from tests.ops.common import close
+from tests.ops.common import close, cuda
 from tests.ops.philox_kernels import philox_rand_reference, philox_randn_f64, philox_triton
 
 interp = pytest.mark.skipif(not dispatch.interpreting(), reason="needs TRITON_INTERPRET=1")
-cuda = pytest.mark.skipif(dispatch.interpreting() or not torch.cuda.is_available(),
-                          reason="needs a GPU and TRITON_INTERPRET=0")
 
 # seeds that exercise both key halves, the sign bit and the extremes
 EDGE_SEEDS = torch.tensor([0, 1, 2, -1, -2, 2 ** 31, 2 ** 32 - 1, 2 ** 32, 2 ** 63 - 1, -2 ** 63,
