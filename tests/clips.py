@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
+
+from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # Gray level of frame k in a numbered clip: far enough apart to survive lossy coding.
 LEVEL_STEP = 20
@@ -16,6 +19,26 @@ def frame_level(k: int) -> int:
 
 def level_to_frame(level: float) -> int:
     return int(round((level - LEVEL_BASE) / LEVEL_STEP))
+
+
+# The loaders' normalisation, shaped to broadcast over a (C, T, H, W) clip.
+MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1, 1)
+STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1, 1)
+
+
+def to_255(video: torch.Tensor) -> torch.Tensor:
+    """A normalised (C, T, H, W) clip back in 0..255 units (float32, on the CPU)."""
+    return (video.float().cpu() * STD + MEAN) * 255
+
+
+def frame_levels(video: torch.Tensor) -> np.ndarray:
+    """Per-frame mean gray level (0..255) of a normalised (C, T, H, W) clip."""
+    return to_255(video).mean(dim=(0, 2, 3)).numpy()
+
+
+def frames_of(video: torch.Tensor) -> list[int]:
+    """Frame numbers of a normalised (C, T, H, W) clip of a numbered video."""
+    return [level_to_frame(x) for x in frame_levels(video)]
 
 
 def write_video(path: str, frames: np.ndarray, codec: str | None = None, fps: int = 25) -> str:

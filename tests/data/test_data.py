@@ -15,15 +15,7 @@ from ivfast.data.sampling import tsn_indices
 from ivfast.data.synthetic import SyntheticClips
 from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, multiscale_crop_params, train_transform
 from ivfast.data.video_list import VideoListDataset, load_clip
-from tests.clips import level_to_frame, write_corrupt, write_empty, write_numbered_clip, write_truncated
-
-MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1, 1)
-STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1, 1)
-
-
-def _levels(video: torch.Tensor) -> np.ndarray:
-    """Per-frame mean gray level (0..255) of a normalised (C, T, H, W) clip."""
-    return ((video * STD + MEAN) * 255).mean(dim=(0, 2, 3)).numpy()
+from tests.clips import frame_levels, MEAN, STD, level_to_frame, write_corrupt, write_empty, write_numbered_clip, write_truncated
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -258,17 +250,17 @@ def test_video_samples_the_right_frames(videos, tmp_path, kind):
     ds = _dataset(tmp_path, [p[kind]], num_frames=4, size=32)
     for seed in range(6):
         expected = tsn_indices(12, 4, np.random.default_rng(seed))
-        got = [level_to_frame(x) for x in _levels(ds[(0, seed)]["video"])]
+        got = [level_to_frame(x) for x in frame_levels(ds[(0, seed)]["video"])]
         assert got == expected.tolist(), (kind, seed)
     ev = _dataset(tmp_path, [p[kind]], num_frames=4, size=32, train=False)
-    got = [level_to_frame(x) for x in _levels(ev[(0, 5)]["video"])]
+    got = [level_to_frame(x) for x in frame_levels(ev[(0, 5)]["video"])]
     assert got == tsn_indices(12, 4).tolist()
 
 
 def test_video_short_clip_repeats_frames(videos, tmp_path):
     _, p = videos
     ds = _dataset(tmp_path, [p["short"]], num_frames=8, size=32)
-    got = [level_to_frame(x) for x in _levels(ds[(0, 1)]["video"])]
+    got = [level_to_frame(x) for x in frame_levels(ds[(0, 1)]["video"])]
     assert got == tsn_indices(3, 8).tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
 
 

@@ -18,10 +18,9 @@ from ivfast.data.config import DataConfig
 from ivfast.data.decode_timeout import DecodeTimeout, time_limit
 from ivfast.data.lists import VideoEntry
 from ivfast.data.sampling import tsn_indices
-from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ivfast.data.video_list import VideoListDataset, load_clip
 from tests.clips import (
-    level_to_frame,
+    frames_of,
     numbered_frames,
     write_corrupt,
     write_garbled,
@@ -31,14 +30,7 @@ from tests.clips import (
     write_video,
 )
 
-MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1, 1)
-STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1, 1)
 VFR_MS = [0, 40, 80, 200, 240, 400, 440, 480, 700, 740, 780, 820]
-
-
-def _frames_of(video: torch.Tensor) -> list[int]:
-    """Frame numbers of a normalised (C, T, H, W) clip of a numbered video."""
-    return [level_to_frame(x) for x in ((video * STD + MEAN) * 255).mean(dim=(0, 2, 3)).numpy()]
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +67,8 @@ def test_frames_are_counted_in_decode_order(clips, kind):
     the TSN-chosen frames by their decode position, timestamps play no part."""
     ds = _ds([clips[kind]])
     for seed in range(4):
-        assert _frames_of(ds[(0, seed)]["video"]) == tsn_indices(12, 4, np.random.default_rng(seed)).tolist()
-    assert _frames_of(_ds([clips[kind]], train=False)[(0, 0)]["video"]) == tsn_indices(12, 4).tolist()
+        assert frames_of(ds[(0, seed)]["video"]) == tsn_indices(12, 4, np.random.default_rng(seed)).tolist()
+    assert frames_of(_ds([clips[kind]], train=False)[(0, 0)]["video"]) == tsn_indices(12, 4).tolist()
 
 
 # ----------------------------------------------------------------------------- bad files
@@ -92,7 +84,7 @@ def test_bad_files_are_skipped_with_a_warning_naming_them(clips, caplog, kind):
 
 def test_too_short_videos(clips, caplog):
     """By default a 3-frame video repeats frames; with min_frames above 3 it is a bad video."""
-    assert _frames_of(_ds([clips["three"]])[(0, 1)]["video"]) == [0, 0, 1, 2]
+    assert frames_of(_ds([clips["three"]])[(0, 1)]["video"]) == [0, 0, 1, 2]
     assert _ds([clips["three"]], min_frames=3)[(0, 1)] is not None
     with caplog.at_level(logging.WARNING, logger="ivfast.data"):
         assert _ds([clips["three"]], min_frames=4)[(0, 1)] is None
@@ -174,10 +166,10 @@ def test_segment_of_a_video(clips, kind):
     e = VideoEntry(clips[kind], start_s=0.25, end_s=None, total_s=None)
     ds = _ds([e], num_frames=3)
     for seed in range(4):
-        assert _frames_of(ds[(0, seed)]["video"]) == (6 + tsn_indices(5, 3, np.random.default_rng(seed))).tolist()
+        assert frames_of(ds[(0, seed)]["video"]) == (6 + tsn_indices(5, 3, np.random.default_rng(seed))).tolist()
     # The list's total_time wins: 12 frames over 1.2 s is 10 fps; [0.3, 0.9) s is frames 3 .. 8.
     ds = _ds([VideoEntry(clips[kind], start_s=0.3, end_s=0.9, total_s=1.2)], num_frames=3, train=False)
-    assert _frames_of(ds[(0, 0)]["video"]) == (3 + tsn_indices(6, 3)).tolist()
+    assert frames_of(ds[(0, 0)]["video"]) == (3 + tsn_indices(6, 3)).tolist()
     assert _ds([VideoEntry(clips[kind], start_s=5.0, end_s=6.0, total_s=1.2)])[(0, 0)] is None  # empty segment
 
 
@@ -211,7 +203,7 @@ def test_dali_plan_takes_the_frames_pyav_decodes(clips, segment):
     for seed in range(6):
         plan = clip_plan.plan_train_clip(count, 48, 64, 4, 32, ds.scales, flip=True, rng=np.random.default_rng(seed),
                                          first_frame=first)
-        assert _frames_of(ds[(0, seed)]["video"]) == plan.indices.tolist()
+        assert frames_of(ds[(0, seed)]["video"]) == plan.indices.tolist()
 
 
 # ----------------------------------------------------------------------------- through the real loader

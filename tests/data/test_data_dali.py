@@ -17,23 +17,18 @@ from ivfast.data.dali_loader import DaliVideoLoader, probe_video  # noqa: E402
 from ivfast.data.lists import VideoEntry  # noqa: E402
 from ivfast.data.loader import ShardedBatchSampler  # noqa: E402
 from ivfast.data.sampling import tsn_indices  # noqa: E402
-from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from ivfast.data.video_list import VideoListDataset  # noqa: E402
-from tests.clips import level_to_frame, numbered_frames, write_corrupt, write_empty, write_truncated, write_video  # noqa: E402
+from tests.clips import (  # noqa: E402
+    frames_of,
+    numbered_frames,
+    to_255,
+    write_corrupt,
+    write_empty,
+    write_truncated,
+    write_video,
+)
 
-MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1, 1)
-STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1, 1)
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="DALI's mixed (NVDEC) decoder needs a CUDA GPU")
-
-
-def _to_255(video: torch.Tensor) -> torch.Tensor:
-    """A normalised (C, T, H, W) clip back in 0..255 units."""
-    return (video.float().cpu() * STD + MEAN) * 255
-
-
-def _frame_numbers(video: torch.Tensor) -> list[int]:
-    """Frame numbers of a clip of a numbered (uniform gray level) video."""
-    return [level_to_frame(v) for v in _to_255(video).mean(dim=(0, 2, 3)).tolist()]
 
 
 def _smooth_frames(num_frames: int = 16, width: int = 64, height: int = 48) -> np.ndarray:
@@ -138,8 +133,8 @@ def test_same_frames_as_pyav(clips, key, num_frames):
     for seed in range(8):
         batch = loader.load_batch([(0, seed)])
         assert batch["num_bad"] == 0 and batch["video"].shape == (1, 3, num_frames, 32, 32)
-        got = _frame_numbers(batch["video"][0])
-        want = _frame_numbers(ds[(0, seed)]["video"])
+        got = frames_of(batch["video"][0])
+        want = frames_of(ds[(0, seed)]["video"])
         assert got == want, f"seed {seed}: DALI took frames {got}, PyAV {want}"
         seen.add(tuple(got))
     if key == "short_vp9":  # 5 frames for 8 slots: a fixed, repeating pattern
@@ -162,8 +157,8 @@ def test_close_to_pyav_with_same_crop_and_flip(clips, key, flip):
     loader = _loader([path], num_frames=4, flip=flip)
     flips = set()
     for seed in range(10):
-        got = _to_255(loader.load_batch([(0, seed)])["video"][0])
-        want = _to_255(ds[(0, seed)]["video"])
+        got = to_255(loader.load_batch([(0, seed)])["video"][0])
+        want = to_255(ds[(0, seed)]["video"])
         diff = (got - want).abs()
         assert diff.max() <= 8 and diff.mean() <= 2.5, f"seed {seed}: max {diff.max():.1f}, mean {diff.mean():.2f}"
         assert (got - want.flip(-1)).abs().mean() > 10  # the content is not mirror-symmetric
@@ -184,9 +179,9 @@ def test_segment_and_min_frames_as_pyav(clips):
     for seed in range(6):
         batch = loader.load_batch([(0, seed), (1, seed), (2, seed)])
         assert batch["index"].tolist() == [0] and batch["num_bad"] == 2
-        frames = _frame_numbers(batch["video"][0])
+        frames = frames_of(batch["video"][0])
         assert all(5 <= k <= 9 for k in frames)
-        assert frames == _frame_numbers(ds[(0, seed)]["video"])
+        assert frames == frames_of(ds[(0, seed)]["video"])
         assert ds[(1, seed)] is None and ds[(2, seed)] is None
 
 
@@ -308,7 +303,7 @@ def test_gpu_h264_bf16_on_cuda(tmp_path):
         want = ds[(idx, seeds[idx])]["video"]
         got = batch["video"][row]
         if idx == 0:
-            assert _frame_numbers(got) == _frame_numbers(want)
-        diff = (_to_255(got) - _to_255(want)).abs()
+            assert frames_of(got) == frames_of(want)
+        diff = (to_255(got) - to_255(want)).abs()
         # NVDEC's YUV -> RGB and bf16 rounding (~1 level near 255) on top of the CPU tolerance.
         assert diff.mean() <= 3.0 and diff.max() <= 12, f"{paths[idx]}: max {diff.max():.1f}, mean {diff.mean():.2f}"

@@ -14,17 +14,9 @@ from ivfast.data.config import DataConfig, frame_template_error
 from ivfast.data.frames import frame_name
 from ivfast.data.lists import VideoEntry, check_files, detect_format, parse_list, read_list, segment_frames
 from ivfast.data.sampling import tsn_indices
-from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ivfast.data.video_list import VideoListDataset
-from tests.clips import level_to_frame, numbered_frames, write_numbered_clip, write_video
+from tests.clips import frames_of, numbered_frames, write_numbered_clip, write_video
 from tests.support import write_text
-
-MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1, 1)
-STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1, 1)
-
-
-def _frames_of(video: torch.Tensor) -> list[int]:
-    return [level_to_frame(x) for x in ((video * STD + MEAN) * 255).mean(dim=(0, 2, 3)).numpy()]
 
 
 def _image_bytes(frame: np.ndarray, fmt: str) -> bytes:
@@ -128,13 +120,13 @@ def test_a_frame_folder_is_sampled_like_the_video(media, kind, start, template):
         expect = tsn_indices(12, 4, np.random.default_rng(seed)).tolist()
         item = ds[(0, seed)]
         assert item["label"] == 2 and item["video"].shape == (3, 4, 32, 32)
-        assert _frames_of(item["video"]) == expect == _frames_of(vid[(0, seed)]["video"])
+        assert frames_of(item["video"]) == expect == frames_of(vid[(0, seed)]["video"])
     ev = VideoListDataset([folder], num_frames=4, size=32, frame_template=template, train=False)
-    assert _frames_of(ev[(0, 0)]["video"]) == tsn_indices(12, 4).tolist()
+    assert frames_of(ev[(0, 0)]["video"]) == tsn_indices(12, 4).tolist()
     # A sub-range of the folder: frames start+3 .. start+8 are the clip's 6 frames.
     sub = VideoEntry(media[kind], start_frame=start + 3, frame_count=6, frames=True)
     ds = VideoListDataset([sub], num_frames=3, size=32, frame_template=template, train=False)
-    assert _frames_of(ds[(0, 0)]["video"]) == (3 + tsn_indices(6, 3)).tolist()
+    assert frames_of(ds[(0, 0)]["video"]) == (3 + tsn_indices(6, 3)).tolist()
 
 
 def test_frame_folder_crop_and_flip_match_the_video(tmp_path):
@@ -217,7 +209,7 @@ def test_lists_videos_and_frames_from_memory_urls(media, tmp_path, caplog):
     ds = VideoListDataset(lst, root=root, num_frames=4, size=32)  # a list file: bad lines kept
     for seed in range(2):
         expect = tsn_indices(12, 4, np.random.default_rng(seed)).tolist()
-        assert _frames_of(ds[(0, seed)]["video"]) == expect == _frames_of(ds[(1, seed)]["video"])
+        assert frames_of(ds[(0, seed)]["video"]) == expect == frames_of(ds[(1, seed)]["video"])
     with caplog.at_level(logging.WARNING, logger="ivfast.data"):
         assert ds[(2, 0)] is None and ds[(3, 0)] is None and ds[(4, 0)] is None
     assert "file not found" in caplog.text and "empty file" in caplog.text
@@ -246,10 +238,10 @@ def test_file_urls_and_csv_through_fsspec(media, tmp_path):
     assert entries == [VideoEntry(root + "/v.mp4", 3)]
     assert check_files(entries) == (entries, [])
     ds = VideoListDataset(entries, num_frames=4, size=32, train=False)
-    assert _frames_of(ds[(0, 0)]["video"]) == tsn_indices(12, 4).tolist()
+    assert frames_of(ds[(0, 0)]["video"]) == tsn_indices(12, 4).tolist()
     folder = VideoEntry("file://" + media["jpg"], start_frame=1, frame_count=12, frames=True)
     assert check_files([folder]) == ([folder], [])
-    assert _frames_of(VideoListDataset([folder], num_frames=4, size=32, train=False)[(0, 0)]["video"]) == \
+    assert frames_of(VideoListDataset([folder], num_frames=4, size=32, train=False)[(0, 0)]["video"]) == \
         tsn_indices(12, 4).tolist()
     with pytest.raises(FileNotFoundError, match="list file not found"):
         read_list("file://" + str(tmp_path / "nope.txt"))

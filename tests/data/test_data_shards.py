@@ -10,20 +10,11 @@ import types
 
 import numpy as np
 import pytest
-import torch
 
 from ivfast.data import shards as sh
 from ivfast.data.config import DataConfig
 from ivfast.data.loader import build_dataset, build_loader
-from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from tests.clips import level_to_frame, numbered_frames, write_numbered_clip
-
-MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1, 1)
-STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1, 1)
-
-
-def _frames_of(video: torch.Tensor) -> list[int]:
-    return [level_to_frame(x) for x in ((video * STD + MEAN) * 255).mean(dim=(0, 2, 3)).numpy()]
+from tests.clips import frames_of, numbered_frames, write_numbered_clip
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +127,7 @@ def test_labels_frames_and_seeds_follow_the_sample(tmp_path, clip_bytes, monkeyp
         assert batch["num_bad"] == 0 and batch["video"].shape == (3, 3, 4, 32, 32)
         assert batch["label"].tolist() == batch["index"].tolist()  # .cls is k for sample k
         for v in batch["video"]:
-            f = _frames_of(v)
+            f = frames_of(v)
             assert f == sorted(f) and len(set(f)) == 4 and 0 <= f[0] and f[-1] < 8
 
 
@@ -218,7 +209,7 @@ def test_a_sample_of_frames(tmp_path, monkeypatch):
     ds.plan = sh.ShardPlan(ds.counts, 1, 0, 1, seed=0, shuffle_buffer=0)
     (batch,) = run_worker(ds, 0, 1, monkeypatch)
     assert batch["label"].tolist() == [7]
-    f = _frames_of(batch["video"][0])
+    f = frames_of(batch["video"][0])
     assert f == sorted(f) and len(set(f)) == 4 and f[-1] <= 5
 
 
