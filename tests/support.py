@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
 import sys
 
 import torch
@@ -80,6 +81,33 @@ def write_text(tmp_path, name: str, text: str) -> str:
     p = tmp_path / name
     p.write_text(text)
     return str(p)
+
+
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+FAST = ["data.num_workers=0", "train.progress=false"]  # no loader workers, no progress bar
+
+
+def train_args(out, overrides=(), config: str = TINY) -> list[str]:
+    """``ivfast/train.py``'s arguments for a run of ``config`` into ``out``."""
+    return ["ivfast/train.py", "--config", config, f"output_dir={out}", *FAST, *overrides]
+
+
+def train_cmd(out, overrides=(), nproc: int = 1, config: str = TINY) -> list[str]:
+    """The command of such a run: one process, or ``nproc`` ranks through the deepspeed launcher."""
+    args = train_args(out, overrides, config)
+    if nproc == 1:
+        return [sys.executable, *args]
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return [launcher, "--num_gpus", str(nproc), "--master_port", str(free_port()), *args]
+
+
+def run_train(out, overrides=(), nproc: int = 1, timeout: int = 600, interpret: bool = False, config: str = TINY,
+              **env):
+    """Run it to the end from the repository root (``env`` added); a failure shows its output."""
+    proc = subprocess.run(train_cmd(out, overrides, nproc, config), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=run_env(interpret, **env))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
 
 
 def free_port() -> int:

@@ -2,7 +2,6 @@
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,17 +9,15 @@ import torch
 from ivfast.checkpoint_io import CheckpointError, load_model_state, resolve_checkpoint, save_safetensors
 from ivfast.config import load_config, save_config
 from ivfast.export import load_exported_encoder, main
-from tests.support import ROOT, run_env, stage1_model, stage2_model
+from tests.support import ROOT, TINY, run_env, stage1_model, stage2_model, train_cmd
 
-TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 STAGE2_TINY = os.path.join(ROOT, "configs", "stage2_tiny.yaml")
 
 
 def start_train(out, *overrides, config=TINY):
-    cmd = [sys.executable, "ivfast/train.py", "--config", config, f"output_dir={out}", "train.max_steps=2",
-           "data.num_workers=0", "train.progress=false", *overrides]
     env = run_env(OMP_NUM_THREADS="1")  # two runs side by side
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(train_cmd(out, ["train.max_steps=2", *overrides], config=config), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def wait_all(procs):

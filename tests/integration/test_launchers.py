@@ -18,21 +18,17 @@ import time
 
 import pytest
 
-from tests.support import ROOT, free_port, run_env
+from tests.support import ROOT, free_port, run_env, train_args
 from tests.support import step_metrics as metrics
 
-TINY = os.path.join(ROOT, "configs", "tiny.yaml")
-FAST = ["data.num_workers=0", "train.progress=false"]
 STEPS = 4
 COMMON = [f"train.max_steps={STEPS}", "model.encoder.drop_path=0.0", "deepspeed.zero_stage=1"]
 COMPARED = ("loss", "loss_align_layers", "loss_align_final", "loss_recon", "grad_norm")
 TIMEOUT = 300
 
 
-def _free_port(lo=None, hi=None):
-    """A free port: any, or one in [lo, hi] (the range srun's derived ports come from)."""
-    if lo is None:
-        return free_port()
+def _free_port(lo, hi):
+    """A free port in [lo, hi] (the range srun's derived ports come from)."""
     for port in range(lo + os.getpid() % (hi - lo), hi + 1):
         with socket.socket() as s:
             try:
@@ -41,10 +37,6 @@ def _free_port(lo=None, hi=None):
                 continue
             return port
     raise RuntimeError("no free port")
-
-
-def _train_args(out, overrides):
-    return ["ivfast/train.py", "--config", TINY, f"output_dir={out}", *FAST, *overrides]
 
 
 def _wait_all(procs, what):
@@ -82,7 +74,7 @@ def assert_same_losses(one, many):
 def one_process(tmp_path_factory):
     """The reference: one process, the global batch (8) on its own."""
     out = str(tmp_path_factory.mktemp("one") / "run")
-    proc = subprocess.Popen([sys.executable, *_train_args(out, [*COMMON, "data.batch_size=8"])], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, *train_args(out, [*COMMON, "data.batch_size=8"])], cwd=ROOT,
                             env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_all([proc], "one process")
     return metrics(out)
@@ -98,14 +90,14 @@ def test_srun_tasks_form_one_job_equal_to_one_process(tmp_path, one_process, ren
         job = {"SLURM_JOB_ID": str(7 * 20000 + port - 10000),  # 10000 + job id % 20000 == port
                "SLURM_JOB_NODELIST": "localhost,gpu[02-04]"}
     else:
-        port = _free_port()
+        port = free_port()
         job = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "nohost[1-2]",  # the exports win
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     procs = []
     for rank in (0, 1):
         env = run_env(OMP_NUM_THREADS="1", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2",
                       SLURM_STEP_ID="0", **job)
-        procs.append(subprocess.Popen([sys.executable, *_train_args(out, [*COMMON, "data.batch_size=4"])], cwd=ROOT,
+        procs.append(subprocess.Popen([sys.executable, *train_args(out, [*COMMON, "data.batch_size=4"])], cwd=ROOT,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     (_, _, err0), (_, _, err1) = _wait_all(procs, f"srun tasks ({rendezvous})")
     host = "localhost" if rendezvous == "derived" else "127.0.0.1"
@@ -123,12 +115,12 @@ def test_torchrun_two_nodes_inside_a_slurm_job_keep_torchrun_ranks(tmp_path, one
     RANK/WORLD_SIZE (srun's mapping must not fire)."""
     out = str(tmp_path / "torchrun")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    port = _free_port()
+    port = free_port()
     procs = []
     for node in (0, 1):
         cmd = [torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
                "--master_addr", "127.0.0.1", "--master_port", str(port),
-               *_train_args(out, [*COMMON, "data.batch_size=4"])]
+               *train_args(out, [*COMMON, "data.batch_size=4"])]
         env = run_env(OMP_NUM_THREADS="1", SLURM_PROCID=str(node), SLURM_LOCALID="0", SLURM_NTASKS="2",
                       SLURM_STEP_ID="0", SLURM_JOB_ID="99", SLURM_JOB_NODELIST="localhost,otherhost")
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -141,7 +133,7 @@ def test_torchrun_two_nodes_inside_a_slurm_job_keep_torchrun_ranks(tmp_path, one
 
 def test_sigusr1_saves_exits_75_and_the_same_command_resumes(tmp_path):
     out = str(tmp_path / "usr1")
-    cmd = [sys.executable, *_train_args(out, ["train.max_steps=40", "train.save_every=1000", "data.batch_size=2"])]
+    cmd = [sys.executable, *train_args(out, ["train.max_steps=40", "train.save_every=1000", "data.batch_size=2"])]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     path = os.path.join(out, "metrics.jsonl")
@@ -162,7 +154,7 @@ def test_sigusr1_saves_exits_75_and_the_same_command_resumes(tmp_path):
     assert f"stop requested: checkpoint saved at step {stopped_at}" in err
 
     # The requeued job runs the same command (here two more steps): it resumes where it stopped.
-    cmd2 = [sys.executable, *_train_args(out, [f"train.max_steps={stopped_at + 2}", "train.save_every=1000",
+    cmd2 = [sys.executable, *train_args(out, [f"train.max_steps={stopped_at + 2}", "train.save_every=1000",
                                                "data.batch_size=2"])]
     again = subprocess.run(cmd2, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert again.returncode == 0, again.stderr[-4000:]
@@ -174,7 +166,7 @@ def test_several_tasks_without_a_rank_are_refused_in_one_line(tmp_path):
     """A ``salloc -n 2`` shell: SLURM_NTASKS=2 but no SLURM_PROCID (and no launcher's RANK)."""
     env = run_env(SLURM_NTASKS="2", SLURM_JOB_ID="5")
     env.pop("ENVIRONMENT", None)  # not Slurm's batch shell, even when the tests run in one
-    proc = subprocess.run([sys.executable, *_train_args(str(tmp_path / "x"), [])], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, *train_args(str(tmp_path / "x"), [])], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env=env)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

@@ -12,28 +12,8 @@ import time
 import pytest
 import torch
 
-from tests.support import ROOT, free_port, run_env
+from tests.support import FAST, ROOT, TINY, free_port, run_env, run_train, train_cmd
 from tests.support import step_metrics as metrics
-
-TINY = os.path.join(ROOT, "configs", "tiny.yaml")
-FAST = ["data.num_workers=0", "train.progress=false"]
-
-
-def train_cmd(out, overrides=(), nproc=1, config=TINY):
-    args = ["ivfast/train.py", "--config", config, f"output_dir={out}", *FAST, *overrides]
-    if nproc == 1:
-        return [sys.executable, *args]
-    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    return [launcher, "--num_gpus", str(nproc), "--master_port", str(free_port()), *args]
-
-
-def run_train(out, overrides=(), nproc=1, timeout=600, interpret=False, config=TINY):
-    env = run_env(interpret)
-    proc = subprocess.run(train_cmd(out, overrides, nproc, config), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
 
 @pytest.mark.parametrize("recon", ["none", "linear", "diffusion"])
 def test_each_variant_trains_20_steps_and_its_loss_falls(tmp_path, recon):

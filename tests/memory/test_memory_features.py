@@ -369,7 +369,7 @@ def test_allocator_env_is_set_when_empty_and_kept_when_given():
 
 def test_tiny_trains_two_steps_with_every_switch_on(tmp_path):
     """bf16 DeepSpeed ZeRO-3 (every parameter partitioned) with all memory switches through ivfast/train.py."""
-    from tests.integration.test_train import run_train
+    from tests.support import run_train
     from tests.support import step_metrics as metrics
 
     out = str(tmp_path / "lowmem")

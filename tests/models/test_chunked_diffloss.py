@@ -131,7 +131,7 @@ def test_deepspeed_zero2_two_ranks_chunked_match_one_rank_plain(tmp_path):
     """End to end: three chunks per step (192 rows per rank, chunk_rows 80) under 2-rank ZeRO-2
     train like one rank with plain autograd (ZeRO-1): DeepSpeed's gradient hooks see the chunked
     head's parameter gradients."""
-    from tests.integration.test_train import run_train
+    from tests.support import run_train
     from tests.support import step_metrics as metrics
 
     common = ["train.max_steps=4", "model.encoder.drop_path=0.0"]

@@ -1,7 +1,5 @@
 """Probe backbones from a real DeepSpeed training checkpoint, and the classify probe on video list files."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,23 +10,16 @@ from ivfast.probes import classify
 from ivfast.probes.config import BackboneConfig, load_probe_config
 from ivfast.probes.features import FrozenBackbone, load_encoder
 from tests.clips import write_corrupt, write_video
-from tests.support import (
-    ROOT,  # noqa: E402
-    run_env,
-)
+from tests.support import ROOT, run_train
 
 CFG = os.path.join(ROOT, "configs", "probes")
-TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A one-step Stage-1 run of configs/tiny.yaml (ZeRO-1, fp32): a real DeepSpeed checkpoint."""
     out = str(tmp_path_factory.mktemp("ckpt") / "run")
-    cmd = [sys.executable, "ivfast/train.py", "--config", TINY, f"output_dir={out}", "train.max_steps=1",
-           "train.save_every=1", "data.num_workers=0", "train.progress=false"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=run_env(), timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_train(out, ["train.max_steps=1", "train.save_every=1"], timeout=300)
     return out
 
 

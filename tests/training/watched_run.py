@@ -7,11 +7,9 @@ import functools
 import importlib.util
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
-from tests.support import ROOT, run_env
+from tests.support import run_train
 
 STEPS, LOG_EVERY, PROFILED = 4, 2, 3
 
@@ -26,11 +24,7 @@ def watched_run() -> str:
     out = tempfile.mkdtemp(prefix="ivfast-watched-")
     atexit.register(shutil.rmtree, out, True)
     run_dir = os.path.join(out, "watched")
-    cmd = [sys.executable, "ivfast/train.py", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
-           f"output_dir={run_dir}", f"train.max_steps={STEPS}", f"train.log_every={LOG_EVERY}",
-           f"train.profile=[{PROFILED},1]", f"train.loggers=[{','.join(loggers())}]", "train.wandb_mode=offline",
-           "data.batch_size=4", "data.synthetic_clips=32", "data.num_workers=0", "train.progress=false"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=run_env(WANDB_SILENT="true"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_train(run_dir, [f"train.max_steps={STEPS}", f"train.log_every={LOG_EVERY}", f"train.profile=[{PROFILED},1]",
+                        f"train.loggers=[{','.join(loggers())}]", "train.wandb_mode=offline", "data.batch_size=4",
+                        "data.synthetic_clips=32"], WANDB_SILENT="true")
     return run_dir
