@@ -20,7 +20,8 @@ if not torch.cuda.is_available():
 
 # A test session inside a Slurm job (srun pytest, an sbatch script) must not turn the in-process
 # training runs into ranks of that job (ivfast.training.distributed reads srun's variables).
-for _name in [k for k in os.environ if k.startswith("SLURM_")]:
+# Slurm's batch shell also sets ENVIRONMENT=BATCH, which launch_env reads.
+for _name in [k for k in os.environ if k.startswith("SLURM_") or k == "ENVIRONMENT"]:
     del os.environ[_name]
 
 

@@ -13,21 +13,18 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Set by an in-process ``distributed.init`` earlier in the session (its store still holds
-# MASTER_PORT): a training subprocess must pick its own rendezvous.
-# srun's variables (a test session inside a Slurm job) would make a run one task of several:
-# ``ivfast.training.distributed.launch_env`` reads these; run_env drops every SLURM_* variable.
-SLURM_VARS = {"SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_STEP_NUM_TASKS",
-              "SLURM_STEP_ID", "SLURM_STEPID", "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST",
-              "SLURM_JOB_ID", "SLURM_JOBID"}
+# MASTER_PORT): a training subprocess must pick its own rendezvous. (srun's SLURM_* variables and
+# Slurm's ENVIRONMENT=BATCH, which ``distributed.launch_env`` reads, are dropped by conftest.py
+# for the whole session, and by run_env.)
 RENDEZVOUS_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                   "CROSS_RANK", "CROSS_SIZE"} | SLURM_VARS
+                   "CROSS_RANK", "CROSS_SIZE"}
 
 
 def run_env(interpret: bool = False, **extra) -> dict:
     """Environment for a training subprocess: the interpreter only when asked for, and no
-    rendezvous variables (nor any SLURM_* variable) inherited from this process."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in RENDEZVOUS_VARS and not k.startswith("SLURM_") and k != "TRITON_INTERPRET"}
+    rendezvous variables (nor any SLURM_* variable, nor Slurm's ENVIRONMENT) inherited from this process."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS and not k.startswith("SLURM_")
+           and k not in ("ENVIRONMENT", "TRITON_INTERPRET")}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     if interpret:
         env["TRITON_INTERPRET"] = "1"

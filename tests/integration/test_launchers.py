@@ -164,10 +164,8 @@ def test_sigusr1_saves_exits_75_and_the_same_command_resumes(tmp_path):
 
 def test_several_tasks_without_a_rank_are_refused_in_one_line(tmp_path):
     """A ``salloc -n 2`` shell: SLURM_NTASKS=2 but no SLURM_PROCID (and no launcher's RANK)."""
-    env = run_env(SLURM_NTASKS="2", SLURM_JOB_ID="5")
-    env.pop("ENVIRONMENT", None)  # not Slurm's batch shell, even when the tests run in one
     proc = subprocess.run([sys.executable, *train_args(str(tmp_path / "x"), [])], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env=env)
+                          text=True, timeout=120, env=run_env(SLURM_NTASKS="2", SLURM_JOB_ID="5"))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ivfast: SLURM_NTASKS=2 but this process has no rank"), proc.stderr

@@ -51,6 +51,8 @@ def test_a_record_averages_over_its_interval():
     assert rec["clips_per_s"] == 4.0 and rec["tokens_per_s"] == 256.0
     assert rec["tflops"] == pytest.approx(4.0 * 1e9 / 2 / 1e12) and rec["mfu"] is None
     assert rec["mem_encoder_mb"] == 4.0 and rec["peak_mem_mb"] >= 4.0
+    again = acc.record({**state, "bad_videos": 2}, 0.0, engine, torch.device("cpu"))  # no time: no share
+    assert again["data_share"] is None and again["bad_videos"] == 2
 
 
 def test_every_record_of_a_run_has_every_field():
