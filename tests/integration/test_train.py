@@ -34,20 +34,29 @@ def test_each_variant_trains_20_steps_and_its_loss_falls(tmp_path, recon):
         assert f.read().strip() == "step_00000020"
 
 
+# Persistence threshold 0: ZeRO-3 partitions every parameter, even the tiny model's small ones.
+TWO_RANK_COMMON = ["train.max_steps=6", "model.encoder.drop_path=0.0", "deepspeed.param_persistence_threshold=0"]
+
+
+@pytest.fixture(scope="module")
+def one_rank_reference(tmp_path_factory):
+    """The metrics of the one-rank ZeRO-1 run (batch 8) every two-rank run is compared with."""
+    out = str(tmp_path_factory.mktemp("one_rank"))
+    run_train(out, [*TWO_RANK_COMMON, "data.batch_size=8", "deepspeed.zero_stage=1"])
+    return metrics(out)
+
+
 @pytest.mark.parametrize("zero", [2, 3])
-def test_two_ranks_match_one_rank(tmp_path, zero):
-    # Persistence threshold 0: ZeRO-3 partitions every parameter, even the tiny model's small ones.
-    common = ["train.max_steps=6", "model.encoder.drop_path=0.0", "deepspeed.param_persistence_threshold=0"]
-    run_train(str(tmp_path / "one"), [*common, "data.batch_size=8", "deepspeed.zero_stage=1"])
-    run_train(str(tmp_path / "two"), [*common, "data.batch_size=4", f"deepspeed.zero_stage={zero}"], nproc=2)
-    one, two = metrics(str(tmp_path / "one")), metrics(str(tmp_path / "two"))
+def test_two_ranks_match_one_rank(tmp_path, one_rank_reference, zero):
+    run_train(str(tmp_path / "two"), [*TWO_RANK_COMMON, "data.batch_size=4", f"deepspeed.zero_stage={zero}"], nproc=2)
+    one, two = one_rank_reference, metrics(str(tmp_path / "two"))
     assert len(one) == len(two) == 6
     for a, b in zip(one, two):
         for key in ("loss", "loss_align_layers", "loss_align_final", "loss_recon", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (key, a["step"])
         assert b["clips_per_s"] > 0
     # Resume the 2-rank ZeRO run (safe weights-only loading of its partitioned states) and go on.
-    run_train(str(tmp_path / "two"), [*common, "train.max_steps=8", "data.batch_size=4",
+    run_train(str(tmp_path / "two"), [*TWO_RANK_COMMON, "train.max_steps=8", "data.batch_size=4",
                                        f"deepspeed.zero_stage={zero}"], nproc=2)
     assert [r["step"] for r in metrics(str(tmp_path / "two"))] == list(range(1, 9))
 
