@@ -107,6 +107,22 @@ def run_train(out, overrides=(), nproc: int = 1, timeout: int = 600, interpret: 
     return proc
 
 
+def export_model(base, cfg, model, name: str) -> tuple[str, str]:
+    """``ivfast-export`` of ``model``'s state saved as a run (``base/<name>_run``: config.yaml +
+    model.safetensors) into ``base/<name>``: (run dir, export dir)."""
+    from ivfast.checkpoint_io import save_safetensors
+    from ivfast.config import save_config
+    from ivfast.export import main as export_main
+
+    run = base / f"{name}_run"
+    run.mkdir()
+    save_config(cfg, str(run / "config.yaml"))
+    save_safetensors(model.state_dict(), str(run / "model.safetensors"))
+    out = str(base / name)
+    assert export_main([str(run / "model.safetensors"), out]) == 0
+    return str(run), out
+
+
 def free_port() -> int:
     """A TCP port free on the loopback interface now (for a test's rendezvous)."""
     with socket.socket() as s:

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ivfast.checkpoint_io import CheckpointError, load_model_state, resolve_checkpoint, save_safetensors
-from ivfast.config import load_config, save_config
+from ivfast.config import load_config
 from ivfast.export import load_exported_encoder, main
-from tests.support import ROOT, TINY, run_env, stage1_model, stage2_model, train_cmd
+from tests.support import ROOT, TINY, export_model, run_env, stage1_model, stage2_model, train_cmd
 
 STAGE2_TINY = os.path.join(ROOT, "configs", "stage2_tiny.yaml")
 
@@ -42,17 +42,6 @@ def runs(tmp_path_factory):
 
 def tag_dir(run):
     return os.path.join(run, "checkpoints", "step_00000002")
-
-
-def _export_model(tmp_path, cfg, model, name: str) -> str:
-    """``ivfast-export`` of ``model``'s state saved as a run (config.yaml + model.safetensors); the out dir."""
-    run = tmp_path / f"{name}_run"
-    run.mkdir()
-    save_config(cfg, str(run / "config.yaml"))
-    save_safetensors(model.state_dict(), str(run / "model.safetensors"))
-    out = str(tmp_path / name)
-    assert main([str(run / "model.safetensors"), out]) == 0
-    return out
 
 
 def test_zero1_and_zero3_checkpoints_give_the_same_weights(runs):
@@ -204,7 +193,7 @@ def test_hf_layout_round_trip(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))  # not the initial values
-    out = _export_model(tmp_path, cfg, model, "hf")
+    out = export_model(tmp_path, cfg, model, "hf")[1]
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
     with open(os.path.join(out, "config.json")) as f:
         info = json.load(f)
@@ -241,7 +230,7 @@ def test_stage2_export_takes_the_student_not_the_teacher(tmp_path):
     with torch.no_grad():
         for p in model.encoder.parameters():
             p.add_(1.0)  # the student differs from the teacher
-    out = _export_model(tmp_path, cfg, model, "out")
+    out = export_model(tmp_path, cfg, model, "out")[1]
     enc = load_exported_encoder(out, drop_path=0.0)
     assert enc.grid == (8, 4, 4)
     for k, v in enc.state_dict().items():

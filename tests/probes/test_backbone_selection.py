@@ -6,16 +6,14 @@ import os
 import pytest
 import torch
 
-from ivfast.checkpoint_io import save_safetensors
-from ivfast.config import load_config, save_config
-from ivfast.export import main as export_main
+from ivfast.config import load_config
 from ivfast.models.pretrained import from_pretrained
 from ivfast.probes import classify, depth, track
 from ivfast.probes import cli as probe_cli
 from ivfast.probes.cli import main as probe_main
 from ivfast.probes.config import BackboneConfig, ConfigError, load_probe_config, resolve_backbone
 from ivfast.probes.features import BackboneMismatch, FrozenBackbone, load_backbone
-from tests.support import ROOT, stage1_model
+from tests.support import ROOT, export_model, stage1_model
 
 CFG = os.path.join(ROOT, "configs", "probes")
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -26,16 +24,9 @@ TASK = {"classify": classify, "depth": depth, "track": track}
 def tiny_export(tmp_path_factory):
     """``ivfast-export`` of configs/tiny.yaml's Stage-1 model (what `make train` trains: 4 frames of
     56 px, patch 14), its state saved as a run: (run dir, export dir)."""
-    base = tmp_path_factory.mktemp("tiny")
-    run = base / "run"
-    run.mkdir()
     cfg = load_config(TINY)
-    save_config(cfg, str(run / "config.yaml"))
     torch.manual_seed(1)
-    save_safetensors(stage1_model(cfg).state_dict(), str(run / "model.safetensors"))
-    out = str(base / "exported")
-    assert export_main([str(run / "model.safetensors"), out]) == 0
-    return str(run), out
+    return export_model(tmp_path_factory.mktemp("tiny"), cfg, stage1_model(cfg), "exported")
 
 
 # ----------------------------------------------------------------------------- the rule
