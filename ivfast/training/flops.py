@@ -205,10 +205,8 @@ def count_step_flops(cfg: Config, model_cfg=None) -> StepFlops:
             teacher.to_empty(device="cpu")
         video = torch.empty(b, 3, d.num_frames, d.img_size, d.img_size)
     model.train()
-    probe = object.__new__(Stage2Step if stage2 else Stage1Step)  # the step's prepare, on these models
-    probe.cfg, probe.model, probe.dtype, probe.tracker = c, model, torch.float32, None
-    if teacher is not None:
-        probe.teacher = _SaliencyStandIn(teacher)
+    stand_in = None if teacher is None else _SaliencyStandIn(teacher)
+    probe = (Stage2Step if stage2 else Stage1Step).around(c, model, stand_in)  # the step's prepare, on these models
     calls: list = []
     _watch_windows(model, calls)
     rng = SampleRNG.for_step(c.train.seed, 0, range(b), "cpu")

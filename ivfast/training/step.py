@@ -139,6 +139,17 @@ class Step:
     dtype = torch.float32  # the inputs' dtype, set by ``to``
     tracker: PhaseTracker | None = None
 
+    @classmethod
+    def around(cls, cfg: Config, model, teacher=None) -> "Step":
+        """A step of ``cfg`` around a model (and Stage 1's teacher) built elsewhere, e.g. on fake
+        tensors to count FLOPs: ``prepare`` runs as in training; nothing is built, loaded or
+        initialised."""
+        step = cls.__new__(cls)
+        step.cfg, step.model, step.loss_names = cfg, model, model.loss_names
+        if teacher is not None:
+            step.teacher = teacher
+        return step
+
     def forward(self, engine, video: torch.Tensor, rng: SampleRNG) -> dict:
         """The loss dict of one micro-batch: ``engine(*self.prepare(video, rng))``."""
         return engine(*self.prepare(video, rng))
