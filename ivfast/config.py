@@ -21,6 +21,7 @@ from typing import Any, List, Literal
 import yaml
 
 from ivfast.data.config import DataConfig
+from ivfast.files import atomic_write_text
 from ivfast.models.diffloss import DiffusionConfig
 from ivfast.models.encoder import EncoderConfig
 from ivfast.models.pos_embed import table_time_rows
@@ -490,10 +491,7 @@ def to_dict(cfg: Config) -> dict:
 
 def save_config(cfg, path: str) -> None:
     """Write the resolved config as YAML, atomically."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- validation

@@ -122,7 +122,8 @@ def export(checkpoint: str, out_dir: str, config_path: str | None = None, full: 
     (or beside a ``.safetensors`` file). The weights are checked against the config before
     anything is written.
     """
-    from ivfast.checkpoint_io import find_run_dir, load_model_state, resolve_checkpoint, save_safetensors
+    from ivfast.checkpoint_io import find_run_dir, load_model_state, resolve_checkpoint
+    from ivfast.files import save_safetensors
     from ivfast.config import load_config, save_config
     from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from ivfast.models.pretrained import save_pretrained
@@ -204,7 +205,7 @@ def export_release(checkpoint: str, out_dir: str, *, heads: int | None = None, n
     release's values). ``heads`` / ``num_frames`` / ``img_size``: see
     :func:`ivfast.models.release.infer_encoder_kwargs`.
     """
-    from ivfast.checkpoint_io import save_safetensors
+    from ivfast.files import save_safetensors
     from ivfast.config import save_config, stage1_config, validate
     from ivfast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from ivfast.models.pretrained import save_pretrained

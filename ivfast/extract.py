@@ -48,7 +48,8 @@ from collections import OrderedDict, deque
 import numpy as np
 import torch
 
-from ivfast.checkpoint_io import CheckpointError, atomic_write_text, save_safetensors
+from ivfast.checkpoint_io import CheckpointError
+from ivfast.files import atomic_write_text, save_safetensors
 from ivfast.config import ConfigError
 from ivfast.data.decode_timeout import Deadline
 from ivfast.data.lists import FORMATS, read_list

@@ -110,7 +110,7 @@ def run_train(out, overrides=(), nproc: int = 1, timeout: int = 600, interpret: 
 def export_model(base, cfg, model, name: str) -> tuple[str, str]:
     """``ivfast-export`` of ``model``'s state saved as a run (``base/<name>_run``: config.yaml +
     model.safetensors) into ``base/<name>``: (run dir, export dir)."""
-    from ivfast.checkpoint_io import save_safetensors
+    from ivfast.files import save_safetensors
     from ivfast.config import save_config
     from ivfast.export import main as export_main
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ivfast.files import atomic_write_text, save_safetensors
 from ivfast.models.encoder import VideoEncoder
 from ivfast.models.layers import LayerScale
 from ivfast.models.pos_embed import resample_table
@@ -258,13 +259,6 @@ def load_encoder_weights(encoder: VideoEncoder, path: str, *, align_corners: boo
 # ----------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: str, data, binary: bool = False) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb" if binary else "w") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def save_pretrained(encoder: VideoEncoder, out_dir: str, info: dict) -> dict[str, str]:
     """Write ``encoder`` to ``out_dir`` in the Hugging Face layout; returns {"config", "model", "card"} paths.
 
@@ -285,8 +279,6 @@ def save_pretrained(encoder: VideoEncoder, out_dir: str, info: dict) -> dict[str
         diff.append(f"num_frames: info {kwargs['num_frames']}, module {encoder.grid[0] * encoder.tubelet_size}")
     if diff:
         raise ValueError("save_pretrained: info['encoder'] disagrees with the encoder: " + "; ".join(diff))
-    from safetensors.torch import save_file
-
     config = {"format": FORMAT, "architecture": "VideoEncoder", "library": "ivfast"}
     config.update({k: kwargs[k] for k in ENCODER_ARGS if k in kwargs})
     config["mean"], config["std"] = [float(v) for v in info["mean"]], [float(v) for v in info["std"]]
@@ -312,11 +304,9 @@ def save_pretrained(encoder: VideoEncoder, out_dir: str, info: dict) -> dict[str
     os.makedirs(out_dir, exist_ok=True)
     paths = {"config": os.path.join(out_dir, CONFIG_FILE), "model": os.path.join(out_dir, WEIGHTS_FILE),
              "card": os.path.join(out_dir, CARD_FILE)}
-    tmp = f"{paths['model']}.tmp.{os.getpid()}"
-    save_file(state, tmp, metadata={"format": FORMAT, "architecture": "VideoEncoder"})
-    os.replace(tmp, paths["model"])
-    _atomic_write(paths["config"], json.dumps(config, indent=2) + "\n")
-    _atomic_write(paths["card"], model_card(config, info))
+    save_safetensors(state, paths["model"], metadata={"format": FORMAT, "architecture": "VideoEncoder"})
+    atomic_write_text(paths["config"], json.dumps(config, indent=2) + "\n")
+    atomic_write_text(paths["card"], model_card(config, info))
     return paths
 
 

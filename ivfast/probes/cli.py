@@ -11,7 +11,8 @@ import json
 import os
 import sys
 
-from ivfast.checkpoint_io import CheckpointError, atomic_write_text
+from ivfast.checkpoint_io import CheckpointError
+from ivfast.files import atomic_write_text
 from ivfast.config import ConfigError, save_config
 from ivfast.probes.config import load_probe_config
 from ivfast.probes.features import BackboneMismatch, FrozenBackbone, describe_backbone, load_backbone

@@ -225,7 +225,7 @@ class FeatureCache:
         return load_file(p)["tokens"]
 
     def put(self, index: int, tokens: torch.Tensor) -> None:
-        from ivfast.checkpoint_io import save_safetensors
+        from ivfast.files import save_safetensors
 
         save_safetensors({"tokens": tokens}, self.path(index))
 

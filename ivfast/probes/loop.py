@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 
-from ivfast.checkpoint_io import atomic_write_text, save_safetensors
+from ivfast.files import atomic_write_text, save_safetensors
 from ivfast.probes.config import ProbeConfig
 from ivfast.rng import mix64
 from ivfast.training.metrics import MetricsWriter, Progress

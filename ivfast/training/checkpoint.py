@@ -13,11 +13,11 @@ import shutil
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from ivfast import checkpoint_io
+from ivfast.files import atomic_write_text
 from ivfast.checkpoint_io import (
     LATEST,
     STATE_FILE,
     TAG_RE,
-    atomic_write_text,
     complete_tags,
     find_resume,
     read_state,

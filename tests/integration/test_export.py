@@ -6,7 +6,8 @@ import subprocess
 import pytest
 import torch
 
-from ivfast.checkpoint_io import CheckpointError, load_model_state, resolve_checkpoint, save_safetensors
+from ivfast.checkpoint_io import CheckpointError, load_model_state, resolve_checkpoint
+from ivfast.files import save_safetensors
 from ivfast.config import load_config
 from ivfast.export import load_exported_encoder, main
 from tests.support import ROOT, TINY, export_model, run_env, stage1_model, stage2_model, train_cmd

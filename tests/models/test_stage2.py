@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ivfast.checkpoint_io import save_safetensors
+from ivfast.files import save_safetensors
 from ivfast.config import ConfigError, load_config, stage2_config
 from ivfast.models.layers import DropPath
 from ivfast.models.pos_embed import interpolate_time

@@ -239,7 +239,7 @@ def _tiny(tmp_path, task, *extra):
 
 
 def test_export_backbone_frozen_and_cached(tmp_path):
-    from ivfast.checkpoint_io import save_safetensors
+    from ivfast.files import save_safetensors
     from ivfast.export import FORMAT, build_encoder
 
     kw = dict(img_size=32, patch_size=8, num_frames=4, tubelet_size=1, in_chans=3, width=32, depth=2, heads=2,

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from ivfast import checkpoint_io
+from ivfast import checkpoint_io, files
 from ivfast.training import checkpoint
 from tests.support import ROOT, run_env
 
@@ -98,9 +98,9 @@ def test_reader_names_a_class_it_does_not_allow(tmp_path, monkeypatch):
 
 
 def test_layout_is_shared_with_the_reader():
-    for name in ("STATE_FILE", "LATEST", "TAG_RE", "tag_for", "complete_tags", "find_resume", "read_state",
-                 "atomic_write_text"):
+    for name in ("STATE_FILE", "LATEST", "TAG_RE", "tag_for", "complete_tags", "find_resume", "read_state"):
         assert getattr(checkpoint, name) is getattr(checkpoint_io, name)
+    assert checkpoint.atomic_write_text is files.atomic_write_text  # one writer for the trainer and the readers
     assert checkpoint.tag_for(100) == "step_00000100"
     assert checkpoint_io.TAG_RE.match("step_00000100").group(1) == "00000100"
     assert not checkpoint_io.TAG_RE.match("step_100")
@@ -111,8 +111,8 @@ def test_layout_is_shared_with_the_reader():
 
 def test_atomic_write_text_replaces_and_leaves_no_temporary(tmp_path):
     path = str(tmp_path / "latest")
-    checkpoint_io.atomic_write_text(path, "step_00000001")
-    checkpoint_io.atomic_write_text(path, "step_00000002")
+    files.atomic_write_text(path, "step_00000001")
+    files.atomic_write_text(path, "step_00000002")
     assert open(path).read() == "step_00000002"
     assert os.listdir(tmp_path) == ["latest"]
 
