@@ -200,6 +200,18 @@ def num_warps_for(tile: int) -> int:
     return max(1, min(8, tile // 256))
 
 
+def least_padded(width: int, blocks) -> int:
+    """The block of ``blocks`` that pads ``width`` to the fewest lanes (ties to the larger)."""
+    return min(blocks, key=lambda b: (cdiv(width, b) * b, -b))
+
+
+def rows_per_program(rows: int, block: int, budget: int, cap: int | None = None) -> int:
+    """Rows of ``block`` elements in one program: ``rows`` rounded up to a power of two, at most
+    ``budget`` elements (and ``cap`` rows), at least one."""
+    n = min(next_pow2(rows), budget // block)
+    return max(1, n if cap is None else min(n, cap))
+
+
 def row_tile(rows: int, width: int, *, gpu: bool, max_tile: int = 2048, max_rows: int = 64) -> tuple[int, int]:
     """(BLOCK_ROWS, BLOCK_D) of a row-wise elementwise kernel over (rows, width).
 
@@ -210,14 +222,9 @@ def row_tile(rows: int, width: int, *, gpu: bool, max_tile: int = 2048, max_rows
     """
     if not gpu:
         bd = next_pow2(width)
-        return max(1, min(next_pow2(rows), max(1, 65536 // bd), 256)), bd
-    best = None
-    for bd in (1024, 512, 256, 128):
-        waste = cdiv(width, bd) * bd / width
-        if best is None or waste < best[0] - 1e-9:
-            best = (waste, bd)
-    bd = min(best[1], next_pow2(width))
-    return max(1, min(max_rows, max_tile // bd, next_pow2(rows))), bd
+        return rows_per_program(rows, bd, 65536, 256), bd
+    bd = min(least_padded(width, (1024, 512, 256, 128)), next_pow2(width))
+    return rows_per_program(rows, bd, max_tile, max_rows), bd
 
 
 def column_loop_tile(rows: int, cols: int, *, gpu: bool) -> tuple[int, int, int]:
@@ -229,10 +236,10 @@ def column_loop_tile(rows: int, cols: int, *, gpu: bool) -> tuple[int, int, int]
     Interpreter: the whole row and up to 32K elements per program.
     """
     if gpu:
-        block_c = min((512, 256, 128, 64), key=lambda b: (cdiv(cols, b) * b, -b))
+        block_c = least_padded(cols, (512, 256, 128, 64))
         return max(1, 512 // block_c), block_c, 4
     block_c = min(next_pow2(cols), 8192)
-    return max(1, min(next_pow2(rows), 32768 // block_c)), block_c, 4
+    return rows_per_program(rows, block_c, 32768), block_c, 4
 
 
 def whole_row_tile(rows: int, width: int, *, gpu: bool, backward: bool) -> tuple[int, int, int]:
@@ -243,7 +250,7 @@ def whole_row_tile(rows: int, width: int, *, gpu: bool, backward: bool) -> tuple
     """
     block_n = next_pow2(width)
     if not gpu:
-        return max(1, min(next_pow2(rows), INTERP_TILE_ELEMS // block_n)), block_n, 4
+        return rows_per_program(rows, block_n, INTERP_TILE_ELEMS), block_n, 4
     block_m = max(1, min(16, (2048 if backward else 4096) // block_n))
     return block_m, block_n, 4 if block_n * block_m <= 2048 else 8
 
@@ -253,7 +260,7 @@ def elementwise_tile(rows: int, width: int, *, gpu: bool) -> tuple[int, int, int
     (<= 1024) wasting at most 1/8 of a row on masked lanes, 4096 elements per tile."""
     if not gpu:
         block_n = next_pow2(width)
-        return max(1, min(next_pow2(rows), INTERP_TILE_ELEMS // block_n)), block_n, 4
+        return rows_per_program(rows, block_n, INTERP_TILE_ELEMS), block_n, 4
     block_n = 128
     for bn in (1024, 512, 256):
         if bn <= next_pow2(width) and cdiv(width, bn) * bn - width <= width // 8:
@@ -276,7 +283,7 @@ def norm_tile(rows: int, width: int, *, gpu: bool) -> tuple[int, int]:
     under the interpreter."""
     bd = next_pow2(width)
     budget, cap = (2048, 16) if gpu else (65536, 256)
-    return max(1, min(next_pow2(rows), budget // bd, cap)), bd
+    return rows_per_program(rows, bd, budget, cap), bd
 
 
 def norm_programs(rows: int, block_m: int, *, gpu: bool, sms: int) -> int:
