@@ -156,11 +156,23 @@ class _NormGegluMLP(torch.autograd.Function):
         return (*_norm_grads(grad_y, x, mean, rstd, ln_weight, ln_bias, n), None, grad_wi, grad_wo)
 
 
+def _plain_layer_scale(x, gamma):
+    return (x.float() * gamma.float()).to(x.dtype)
+
+
+def _plain_cosine_align(pred, target):
+    return (2.0 - 2.0 * (pred.float() * target.float()).sum(dim=-1)).mean()
+
+
+def _plain_layer_norm_l2(x, weight, bias, eps):
+    return F.normalize(F.layer_norm(x, (x.shape[-1],), weight, bias, eps), dim=-1)
+
+
 class _LayerScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma):
         ctx.save_for_backward(x, gamma)
-        return (x.float() * gamma.float()).to(x.dtype)
+        return _plain_layer_scale(x, gamma)
 
     @staticmethod
     def backward(ctx, grad):
@@ -176,7 +188,7 @@ class _CosineAlign(torch.autograd.Function):
     def forward(ctx, pred, target):
         ctx.save_for_backward(target)
         ctx.pred_dtype, ctx.count = pred.dtype, pred[..., 0].numel()
-        return (2.0 - 2.0 * (pred.float() * target.float()).sum(dim=-1)).mean()
+        return _plain_cosine_align(pred, target)
 
     @staticmethod
     def backward(ctx, grad):
@@ -191,7 +203,7 @@ class _LayerNormL2(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps):
         ctx.save_for_backward(x, weight, bias)
         ctx.eps = eps
-        return F.normalize(F.layer_norm(x, (x.shape[-1],), weight, bias, eps), dim=-1)
+        return _plain_layer_norm_l2(x, weight, bias, eps)
 
     @staticmethod
     def backward(ctx, grad):
@@ -200,7 +212,7 @@ class _LayerNormL2(torch.autograd.Function):
                   for t, n in zip((x, weight, bias), ctx.needs_input_grad[:3])]
         wanted = [t for t in leaves if t is not None and t.requires_grad]
         with torch.enable_grad():  # the same two ops again, then their autograd backward
-            out = F.normalize(F.layer_norm(leaves[0], (x.shape[-1],), leaves[1], leaves[2], ctx.eps), dim=-1)
+            out = _plain_layer_norm_l2(*leaves, ctx.eps)
             grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
         return tuple(next(grads) if t is not None and t.requires_grad else None for t in leaves) + (None,)
 
@@ -272,21 +284,21 @@ def layer_scale(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """``(x.float() * gamma.float()).to(x.dtype)``."""
     if lean_applies(x):
         return _LayerScale.apply(x, gamma)
-    return (x.float() * gamma.float()).to(x.dtype)
+    return _plain_layer_scale(x, gamma)
 
 
 def cosine_align(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``(2 - 2 * (pred.float() * target.float()).sum(-1)).mean()``, a 0-dim float32 tensor."""
     if not target.requires_grad and lean_applies(pred):
         return _CosineAlign.apply(pred, target)
-    return (2.0 - 2.0 * (pred.float() * target.float()).sum(dim=-1)).mean()
+    return _plain_cosine_align(pred, target)
 
 
 def layer_norm_l2(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """``F.normalize(F.layer_norm(x, (D,), weight, bias, eps), dim=-1)``."""
     if lean_applies(x):
         return _LayerNormL2.apply(x, weight, bias, eps)
-    return F.normalize(F.layer_norm(x, (x.shape[-1],), weight, bias, eps), dim=-1)
+    return _plain_layer_norm_l2(x, weight, bias, eps)
 
 
 def recompute_rows(fn, *xs: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
