@@ -154,6 +154,14 @@ def eps_mse_reference(eps_hat: torch.Tensor, seeds: torch.Tensor) -> torch.Tenso
 if triton is not None:
 
     @triton.jit
+    def _row_block(seeds_ptr, M, BLOCK_M: tl.constexpr):
+        """This program's rows (int32 and int64), their mask and their Philox seeds."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        seed = tl.load(seeds_ptr + rows, mask=rmask, other=0)
+        return rows, rows.to(tl.int64), rmask, seed
+
+    @triton.jit
     def _tile_and_eps(ptr, rows64, rmask, seed, c0, C, stride_m, stride_c, BLOCK_C: tl.constexpr):
         """Columns ``c0 .. c0 + BLOCK_C`` of the rows ``rows64``: the tile of ``ptr`` in float32
         (0 outside the mask), the noise eps = randn(row seed, column) at the same places (the one
@@ -169,15 +177,11 @@ if triton is not None:
     def _q_sample_kernel(x_ptr, t_ptr, seeds_ptr, a_ptr, b_ptr, out_ptr,
                          M, C, T, stride_xm, stride_xc, stride_om,
                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows < M
+        rows, rows64, rmask, seed = _row_block(seeds_ptr, M, BLOCK_M)
         t = tl.load(t_ptr + rows, mask=rmask, other=0)
         tmask = rmask & (t >= 0) & (t < T)
         a = tl.load(a_ptr + t, mask=tmask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + t, mask=tmask, other=0.0).to(tl.float32)
-        seed = tl.load(seeds_ptr + rows, mask=rmask, other=0)
-        rows64 = rows.to(tl.int64)
         for c0 in range(0, C, BLOCK_C):
             x, eps, cols, mask = _tile_and_eps(x_ptr, rows64, rmask, seed, c0, C, stride_xm, stride_xc, BLOCK_C)
             y = a[:, None] * x + b[:, None] * eps
@@ -187,11 +191,7 @@ if triton is not None:
     @triton.jit
     def _eps_mse_fwd_kernel(e_ptr, seeds_ptr, out_ptr, M, C, stride_em, stride_ec,
                             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows < M
-        seed = tl.load(seeds_ptr + rows, mask=rmask, other=0)
-        rows64 = rows.to(tl.int64)
+        rows, rows64, rmask, seed = _row_block(seeds_ptr, M, BLOCK_M)
         acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             e, eps, cols, mask = _tile_and_eps(e_ptr, rows64, rmask, seed, c0, C, stride_em, stride_ec, BLOCK_C)
@@ -203,11 +203,7 @@ if triton is not None:
     def _eps_mse_bwd_kernel(e_ptr, seeds_ptr, g_ptr, grad_ptr, M, C,
                             stride_em, stride_ec, stride_g, stride_gm,
                             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows < M
-        seed = tl.load(seeds_ptr + rows, mask=rmask, other=0)
-        rows64 = rows.to(tl.int64)
+        rows, rows64, rmask, seed = _row_block(seeds_ptr, M, BLOCK_M)
         g = tl.load(g_ptr + rows64 * stride_g, mask=rmask, other=0.0).to(tl.float32)
         scale = (2.0 * g / C)[:, None]
         for c0 in range(0, C, BLOCK_C):

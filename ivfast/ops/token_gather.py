@@ -94,6 +94,16 @@ def scatter_with_mask_token_ref(visible, idx, mask_token, pos=None, grid=None):
 if triton is not None:
 
     @triton.jit
+    def _tile(R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's tile of an (R, D) grid: row and column indices, their masks and the
+        tile's mask (grid axis 0 over rows, 1 over columns)."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        rmask = rows < R
+        cmask = cols < D
+        return rows, cols, rmask, cmask, rmask[:, None] & cmask[None, :]
+
+    @triton.jit
     def _plus_pos(val, pos_ptr, n, cols, mask, spn, spd, H, W, POS_MODE: tl.constexpr, DIM: tl.constexpr):
         """``val`` (rows, cols) + the position rows ``n`` (int64, one per row): the table ``pos``
         (POS_MODE 1), the sine-cosine formula computed in the kernel (POS_MODE 2) or nothing (0)."""
@@ -112,11 +122,7 @@ if triton is not None:
         POS_MODE: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """out[r] (r = b*M + m, contiguous (R, D)) = x[b, m] + P[idx[b, m]]."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        rmask = rows < R
-        cmask = cols < D
-        mask = rmask[:, None] & cmask[None, :]
+        rows, cols, rmask, cmask, mask = _tile(R, D, BLOCK_M, BLOCK_D)
         b = (rows // M).to(tl.int64)
         m = (rows % M).to(tl.int64)
         n = tl.load(idx_ptr + b * sib + m * sim, mask=rmask, other=0).to(tl.int64)
@@ -133,11 +139,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """For a block of positions n: grad_pos[n] = sum over b of g[b, inv[b, n]] (visible ones)."""
-        ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        nmask = ns < N
-        cmask = cols < D
-        mask = nmask[:, None] & cmask[None, :]
+        ns, cols, nmask, cmask, mask = _tile(N, D, BLOCK_N, BLOCK_D)
         n64 = ns.to(tl.int64)
         c64 = cols.to(tl.int64)
         acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -157,11 +159,7 @@ if triton is not None:
         POS_MODE: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """out[r] (r = b*N + n) = (visible[b, inv[b, n]] if inv[b, n] >= 0 else mask_token) + P[n]."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        rmask = rows < R
-        cmask = cols < D
-        mask = rmask[:, None] & cmask[None, :]
+        rows, cols, rmask, cmask, mask = _tile(R, D, BLOCK_M, BLOCK_D)
         r64 = rows.to(tl.int64)
         c64 = cols.to(tl.int64)
         b = r64 // N
@@ -186,11 +184,7 @@ if triton is not None:
         """Per block of positions n, over the batch: grad_visible[b, inv] = g[b, n] (visible rows),
         grad_pos[n] = sum_b g[b, n], partial grad_mask_token = sum over masked (b, n) of g[b, n]."""
         pid_n = tl.program_id(0)
-        ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        nmask = ns < N
-        cmask = cols < D
-        mask = nmask[:, None] & cmask[None, :]
+        ns, cols, nmask, cmask, mask = _tile(N, D, BLOCK_N, BLOCK_D)
         n64 = ns.to(tl.int64)
         c64 = cols.to(tl.int64)
         acc_pos = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
